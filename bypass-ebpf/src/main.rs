@@ -1,0 +1,233 @@
+//! cgroup sock_addr programs that redirect a socket's destination by rule.
+//!
+//! Every entry point is a thin wrapper around one lookup-and-rewrite helper. All of them
+//! return [`ALLOW`]: a miss, a failed helper call or a full ring buffer lets the syscall go on
+//! unchanged, so bypass can change where a connection goes but never blocks one.
+#![no_std]
+#![no_main]
+
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::info;
+use bypass_common::{
+    DEFAULT_LOG_RATE, DEFAULT_MAX_RULES, LOG_STATS_LEN, LogStat, PROTO_TCP, RuleKey4, RuleKey6,
+    RuleTarget4, RuleTarget6, ipv4_from_mapped, ipv4_to_mapped, ratelimit::RateWindow,
+};
+
+/// Return value that lets the syscall proceed. (0 would fail it with `EPERM`.)
+const ALLOW: i32 = 1;
+
+#[map]
+static RULES4: HashMap<RuleKey4, RuleTarget4> = HashMap::with_max_entries(DEFAULT_MAX_RULES, 0);
+
+#[map]
+static RULES6: HashMap<RuleKey6, RuleTarget6> = HashMap::with_max_entries(DEFAULT_MAX_RULES, 0);
+
+#[map]
+static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
+
+#[map]
+static LOG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG_STATS_LEN, 0);
+
+#[map]
+static LOG_WINDOW: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Hit log lines per second and CPU; the loader sets it before load.
+#[unsafe(no_mangle)]
+static LOG_RATE: Global<u32> = Global::new(DEFAULT_LOG_RATE);
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx, "connect4");
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx, "connect6");
+    ALLOW
+}
+
+/// Rewrites `user_ip4`/`user_port` when the destination has a rule.
+#[inline(always)]
+fn redirect4(ctx: &SockAddrContext, hook: &str) {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = RuleKey4::from_sock_addr(sa.user_ip4, sa.user_port, sa.protocol);
+    // SAFETY: the value is copied out at once; rule updates from user space replace whole
+    // values, so a concurrent update shows either the old or the new target.
+    let Some(target) = (unsafe { RULES4.get(&key) }).copied() else {
+        return;
+    };
+
+    sa.user_ip4 = target.addr;
+    sa.user_port = u32::from(target.port);
+    count_hit(target.rule_id);
+
+    if admit_log_line() {
+        let (pid, mut comm) = current_task();
+        info!(
+            ctx,
+            "redirect {} {} {:i}:{} -> {:i}:{} rule {} pid {} comm {}",
+            hook,
+            protocol_name(key.protocol),
+            Ipv4Addr::from(key.addr.to_ne_bytes()),
+            u16::from_be(key.port),
+            Ipv4Addr::from(target.addr.to_ne_bytes()),
+            u16::from_be(target.port),
+            target.rule_id,
+            pid,
+            comm_str(&mut comm)
+        );
+    }
+}
+
+/// Rewrites `user_ip6`/`user_port`: IPv4-mapped destinations by the IPv4 rules, written back
+/// IPv4-mapped, and native IPv6 destinations by the IPv6 rules.
+#[inline(always)]
+fn redirect6(ctx: &SockAddrContext, hook: &str) {
+    // SAFETY: as in `redirect4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let user_ip6 = sa.user_ip6;
+
+    if let Some(ip4) = ipv4_from_mapped(user_ip6) {
+        let key = RuleKey4::from_sock_addr(ip4, sa.user_port, sa.protocol);
+        // SAFETY: as in `redirect4`.
+        let Some(target) = (unsafe { RULES4.get(&key) }).copied() else {
+            return;
+        };
+        let mapped = ipv4_to_mapped(target.addr);
+        sa.user_ip6[0] = mapped[0];
+        sa.user_ip6[1] = mapped[1];
+        sa.user_ip6[2] = mapped[2];
+        sa.user_ip6[3] = mapped[3];
+        sa.user_port = u32::from(target.port);
+        count_hit(target.rule_id);
+        if admit_log_line() {
+            let (pid, mut comm) = current_task();
+            info!(
+                ctx,
+                "redirect {} {} ::ffff:{:i}:{} -> ::ffff:{:i}:{} rule {} pid {} comm {}",
+                hook,
+                protocol_name(key.protocol),
+                Ipv4Addr::from(key.addr.to_ne_bytes()),
+                u16::from_be(key.port),
+                Ipv4Addr::from(target.addr.to_ne_bytes()),
+                u16::from_be(target.port),
+                target.rule_id,
+                pid,
+                comm_str(&mut comm)
+            );
+        }
+        return;
+    }
+
+    let key = RuleKey6::from_sock_addr(user_ip6, sa.user_port, sa.protocol);
+    // SAFETY: as in `redirect4`.
+    let Some(target) = (unsafe { RULES6.get(&key) }).copied() else {
+        return;
+    };
+    sa.user_ip6[0] = target.addr[0];
+    sa.user_ip6[1] = target.addr[1];
+    sa.user_ip6[2] = target.addr[2];
+    sa.user_ip6[3] = target.addr[3];
+    sa.user_port = u32::from(target.port);
+    count_hit(target.rule_id);
+    if admit_log_line() {
+        let (pid, mut comm) = current_task();
+        info!(
+            ctx,
+            "redirect {} {} [{:i}]:{} -> [{:i}]:{} rule {} pid {} comm {}",
+            hook,
+            protocol_name(key.protocol),
+            ipv6(key.addr),
+            u16::from_be(key.port),
+            ipv6(target.addr),
+            u16::from_be(target.port),
+            target.rule_id,
+            pid,
+            comm_str(&mut comm)
+        );
+    }
+}
+
+#[inline(always)]
+fn count_hit(rule_id: u32) {
+    if let Some(hits) = HITS.get_ptr_mut(rule_id) {
+        // SAFETY: per-CPU slot; no other program run touches it while this one runs.
+        unsafe { *hits += 1 };
+    }
+}
+
+/// Returns whether this CPU may write one more hit log line this second, and counts the
+/// outcome in `LOG_STATS`.
+#[inline(always)]
+fn admit_log_line() -> bool {
+    let rate = LOG_RATE.load();
+    let admitted = match LOG_WINDOW.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, as in `count_hit`.
+        Some(window) => unsafe { (*window).admit(bpf_ktime_get_ns(), rate) },
+        None => false,
+    };
+    let stat = if admitted {
+        LogStat::Written
+    } else {
+        LogStat::RateLimited
+    };
+    if let Some(count) = LOG_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, as in `count_hit`.
+        unsafe { *count += 1 };
+    }
+    admitted
+}
+
+/// Returns the thread group id (the user-space pid) and command name of the current task.
+#[inline(always)]
+fn current_task() -> (u32, [u8; 16]) {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    (pid, comm)
+}
+
+/// Returns the command name up to its NUL, with every non-ASCII byte replaced by `?`.
+#[inline(always)]
+fn comm_str(comm: &mut [u8; 16]) -> &str {
+    let mut len = 0;
+    while len < comm.len() && comm[len] != 0 {
+        if !comm[len].is_ascii() {
+            comm[len] = b'?';
+        }
+        len += 1;
+    }
+    // SAFETY: the loop above left only ASCII bytes before `len`.
+    unsafe { core::str::from_utf8_unchecked(&comm[..len]) }
+}
+
+#[inline(always)]
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == PROTO_TCP { "tcp" } else { "udp" }
+}
+
+#[inline(always)]
+fn ipv6(words: [u32; 4]) -> Ipv6Addr {
+    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and any bytes are a valid `u8`.
+    let octets: [u8; 16] = unsafe { core::mem::transmute(words) };
+    Ipv6Addr::from(octets)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,15 @@
+//! bypass: redirect the outgoing connections of one cgroup at connect() time, with eBPF.
+//!
+//! The library holds everything but argument parsing glue: rule and config parsing, cgroup
+//! discovery, the loader, the hit log reader, and the `run` and `attach` lifecycles.
+
+pub mod attach;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod hitlog;
+pub mod loader;
+pub mod rule;
+pub mod run;
+mod setup;

@@ -1,0 +1,361 @@
+//! Loading the embedded eBPF object, filling the rule maps, and attaching the programs.
+//!
+//! Nothing is pinned: every program, link and map belongs to the [`Redirector`], and the
+//! kernel detaches and frees them when it is dropped or when this process dies, even by
+//! `SIGKILL`.
+
+use std::{fs::File, net::IpAddr, path::Path};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+};
+use bypass_common::{
+    HITS_MAP, LOG_RATE_GLOBAL, RULES4_MAP, RULES6_MAP, RuleKey4, RuleKey6, RuleTarget4, RuleTarget6,
+};
+
+use crate::rule::{Rule, RuleSet};
+
+/// The eBPF object built from `bypass-ebpf` by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bypass.bpf.o"));
+
+/// Verifier log lines shown in an error; the whole log goes to the debug log.
+const VERIFIER_LINES_SHOWN: usize = 6;
+
+/// The programs in the object: name (= attach point), whether bypass can work without it,
+/// and what goes unredirected when the kernel lacks it.
+const PROGRAMS: &[(&str, bool, &str)] = &[
+    ("connect4", true, "IPv4 connect()"),
+    ("connect6", false, "IPv6 and IPv4-mapped connect()"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "permission denied: loading eBPF programs needs CAP_BPF and CAP_NET_ADMIN (or \
+         CAP_SYS_ADMIN); run as root, e.g. with sudo"
+    )]
+    NotPermitted,
+    #[error(
+        "too many rules: {count} given, but the maps hold {max}; raise the limit with --max-rules"
+    )]
+    TooManyRules { count: usize, max: u32 },
+    #[error("cannot load the eBPF object")]
+    Object(#[source] EbpfError),
+    #[error("the eBPF object has no program `{0}`; the build is broken")]
+    MissingProgram(&'static str),
+    #[error("the kernel rejected program {name}: {summary}")]
+    Verifier { name: &'static str, summary: String },
+    #[error("cannot load program {name}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("cannot attach program {name} to {cgroup}")]
+    Attach {
+        name: &'static str,
+        cgroup: String,
+        source: ProgramError,
+    },
+    #[error("cannot open cgroup {cgroup}")]
+    OpenCgroup {
+        cgroup: String,
+        source: std::io::Error,
+    },
+    #[error("cannot access map {map}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot insert rule `{rule}`")]
+    Insert {
+        rule: Rule,
+        source: aya::maps::MapError,
+    },
+}
+
+/// Load-time settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the rule maps and hit counters.
+    pub max_rules: u32,
+    /// Hit log lines per second and CPU; 0 turns the hit log off.
+    pub log_rate: u32,
+}
+
+/// The loaded programs and their maps. Dropping it detaches everything.
+pub struct Redirector {
+    ebpf: Ebpf,
+    loaded: Vec<&'static str>,
+    rule_count: u32,
+}
+
+/// Checks the effective capabilities before touching the kernel, so a missing one gives a
+/// clear message instead of an `EPERM` from some map creation.
+pub fn check_privileges() -> Result<(), LoadError> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
+    let net_admin = has(CAP_NET_ADMIN) || has(CAP_SYS_ADMIN);
+    if bpf && net_admin {
+        Ok(())
+    } else {
+        Err(LoadError::NotPermitted)
+    }
+}
+
+impl Redirector {
+    /// Loads the object and every program the kernel accepts, then inserts `rules`.
+    pub fn load(rules: &RuleSet, options: LoadOptions) -> Result<Self, LoadError> {
+        if rules.len() > options.max_rules as usize {
+            return Err(LoadError::TooManyRules {
+                count: rules.len(),
+                max: options.max_rules,
+            });
+        }
+        // Level 0 makes every aya-log statement dead code that the verifier never walks.
+        let log_level: u8 = if options.log_rate == 0 { 0 } else { 0xff };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(RULES4_MAP, options.max_rules)
+            .map_max_entries(RULES6_MAP, options.max_rules)
+            .map_max_entries(HITS_MAP, options.max_rules)
+            .override_global(LOG_RATE_GLOBAL, &options.log_rate, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(EBPF_OBJECT)
+            .map_err(object_error)?;
+
+        let mut loaded = Vec::new();
+        for &(name, required, lost) in PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            match program.load() {
+                Ok(()) => loaded.push(name),
+                Err(err) if !required => {
+                    log::warn!(
+                        "{name} is not available on this kernel ({err}); {lost} is not redirected"
+                    );
+                }
+                Err(err) => return Err(program_error(name, err)),
+            }
+        }
+
+        let mut redirector = Self {
+            ebpf,
+            loaded,
+            rule_count: 0,
+        };
+        for (rule, _) in rules.iter() {
+            redirector.insert(rule)?;
+        }
+        Ok(redirector)
+    }
+
+    fn insert(&mut self, rule: &Rule) -> Result<(), LoadError> {
+        let rule_id = self.rule_count;
+        let insert_error = |source| LoadError::Insert {
+            rule: *rule,
+            source,
+        };
+        let (from_port, to_port) = (rule.from.port().to_be(), rule.to.port().to_be());
+        let protocol = rule.protocol.number();
+
+        match (rule.from.ip(), rule.to.ip()) {
+            (IpAddr::V4(from), IpAddr::V4(to)) => {
+                let mut map: HashMap<_, RuleKey4, RuleTarget4> = self.map_mut(RULES4_MAP)?;
+                let key = RuleKey4 {
+                    addr: u32::from_ne_bytes(from.octets()),
+                    port: from_port,
+                    protocol,
+                    _pad: 0,
+                };
+                let target = RuleTarget4 {
+                    addr: u32::from_ne_bytes(to.octets()),
+                    port: to_port,
+                    _pad: 0,
+                    rule_id,
+                };
+                map.insert(key, target, 0).map_err(insert_error)?;
+            }
+            (IpAddr::V6(from), IpAddr::V6(to)) => {
+                let mut map: HashMap<_, RuleKey6, RuleTarget6> = self.map_mut(RULES6_MAP)?;
+                let key = RuleKey6 {
+                    addr: ipv6_words(from.octets()),
+                    port: from_port,
+                    protocol,
+                    _pad: 0,
+                };
+                let target = RuleTarget6 {
+                    addr: ipv6_words(to.octets()),
+                    port: to_port,
+                    _pad: 0,
+                    rule_id,
+                };
+                map.insert(key, target, 0).map_err(insert_error)?;
+            }
+            _ => unreachable!("Rule::new rejects rules that change the address family"),
+        }
+        self.rule_count += 1;
+        Ok(())
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::Map {
+            map: name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        T::try_from(map).map_err(|source| LoadError::Map { map: name, source })
+    }
+
+    /// Attaches every loaded program to the cgroup at `cgroup`.
+    ///
+    /// On Linux 5.7 and later aya attaches through a BPF link, which the kernel always adds in
+    /// `BPF_F_ALLOW_MULTI` mode (it rejects link flags), so programs of other tools on the same
+    /// cgroup (systemd's, a container runtime's) keep running beside ours. `Single` here only
+    /// selects "no flags"; on older kernels it would be an exclusive attachment.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoadError> {
+        let shown = cgroup.display().to_string();
+        let file = File::open(cgroup).map_err(|source| LoadError::OpenCgroup {
+            cgroup: shown.clone(),
+            source,
+        })?;
+        for &name in &self.loaded {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoadError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| LoadError::Program { name, source })?;
+            program
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|source| LoadError::Attach {
+                    name,
+                    cgroup: shown.clone(),
+                    source,
+                })?;
+            log::info!("attached {name} to {shown}");
+        }
+        Ok(())
+    }
+
+    /// Returns the hit count of each rule, in rule id order, summed over CPUs.
+    pub fn hits(&self) -> Result<Vec<u64>, LoadError> {
+        let map_error = |source| LoadError::Map {
+            map: HITS_MAP,
+            source,
+        };
+        let map = self.ebpf.map(HITS_MAP).ok_or(LoadError::Map {
+            map: HITS_MAP,
+            source: aya::maps::MapError::InvalidName {
+                name: HITS_MAP.into(),
+            },
+        })?;
+        let hits: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error)?;
+        (0..self.rule_count)
+            .map(|rule_id| Ok(hits.get(&rule_id, 0).map_err(map_error)?.iter().sum()))
+            .collect()
+    }
+
+    /// Hands the eBPF object to callers that take maps out of it (the hit log reader).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn ipv6_words(octets: [u8; 16]) -> [u32; 4] {
+    let word =
+        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+fn object_error(err: EbpfError) -> LoadError {
+    let permission_denied = match &err {
+        EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::EPERM)
+        }
+        _ => false,
+    };
+    if permission_denied {
+        LoadError::NotPermitted
+    } else {
+        LoadError::Object(err)
+    }
+}
+
+fn program_error(name: &'static str, err: ProgramError) -> LoadError {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("verifier log of {name}:\n{log}");
+            if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
+                return LoadError::NotPermitted;
+            }
+            LoadError::Verifier {
+                name,
+                summary: summarize_verifier_log(&io_error, &log),
+            }
+        }
+        source => LoadError::Program { name, source },
+    }
+}
+
+/// Shortens a verifier log to its last lines, which name the failing instruction.
+fn summarize_verifier_log(io_error: &std::io::Error, log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let shown = &lines[lines.len().saturating_sub(VERIFIER_LINES_SHOWN)..];
+    let omitted = lines.len() - shown.len();
+    let mut summary = format!("{io_error}; verifier log: {}", shown.join(" | "));
+    if omitted > 0 {
+        summary.push_str(&format!(
+            " ({omitted} earlier lines omitted; run with -vv for all)"
+        ));
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_summary_keeps_last_lines() {
+        let log: String = (1..=10).map(|i| format!("line {i}\n\n")).collect();
+        let err = std::io::Error::from_raw_os_error(libc::EACCES);
+        let summary = summarize_verifier_log(&err, &log);
+        assert!(
+            summary.contains("verifier log: line 5 | line 6"),
+            "{summary}"
+        );
+        assert!(summary.ends_with("line 10 (4 earlier lines omitted; run with -vv for all)"));
+    }
+
+    #[test]
+    fn ipv6_words_keep_network_order() {
+        let octets = "fd00::22".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let words = ipv6_words(octets);
+        assert_eq!(words[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(words[3].to_ne_bytes(), [0, 0, 0, 0x22]);
+    }
+}

@@ -1,0 +1,210 @@
+//! `bypass run`: a command in a new cgroup with the redirect attached.
+
+use std::{
+    ffi::{OsStr, OsString},
+    io,
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, process::ExitStatusExt},
+    },
+    path::{Path, PathBuf},
+    process::ExitStatus,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    cgroup::{self, ChildCgroup},
+    cli::RunArgs,
+    exit,
+    hitlog::{self, HitLog},
+    setup,
+};
+
+/// Why the command did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("command not found: {0}")]
+    NotFound(String),
+    #[error("cannot execute {command}")]
+    NotExecutable { command: String, source: io::Error },
+}
+
+impl CommandError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotFound(_) => exit::NOT_FOUND,
+            Self::NotExecutable { .. } => exit::NOT_EXECUTABLE,
+        }
+    }
+}
+
+/// Runs the command and returns the exit status bypass should exit with. An `Err` means the
+/// command never ran: a [`CommandError`] carries its own exit status, any other error means
+/// [`exit::RUN_FAILED`].
+pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let rules = setup::rules_from_args(&args.rules)?;
+    let (name, arguments) = args.command.split_first().context("no command given")?;
+    // Look the command up before anything is attached, so a typo costs nothing.
+    let program = resolve_command(name)?;
+
+    let mount = cgroup::find_mount()?;
+    let parent = match &args.parent_cgroup {
+        Some(dir) => {
+            cgroup::check_dir(dir, &mount, true).map_err(|err| exit::UsageError(err.into()))?
+        }
+        None => cgroup::own_cgroup(&mount)?,
+    };
+
+    let mut redirector = setup::load(&args.rules, &rules)?;
+    let cgroup = ChildCgroup::create(&parent)?;
+    log::info!("created cgroup {}", cgroup.path().display());
+    redirector.attach(cgroup.path())?;
+    let hit_log = HitLog::start(&mut redirector);
+
+    let result = spawn_in_cgroup(&program, name, arguments, &cgroup);
+    let status = match result {
+        Ok(child) => Ok(wait_forwarding_signals(child).await?),
+        Err(err) => Err(err),
+    };
+
+    let totals = match hit_log {
+        Some(hit_log) => Some(hit_log.stop().await),
+        None => None,
+    };
+    hitlog::log_summary(&rules, &redirector, totals);
+    drop(redirector);
+    log::info!("detached; removing cgroup {}", cgroup.path().display());
+    drop(cgroup);
+
+    Ok(exit_code(status?))
+}
+
+/// Finds `name` the way `execvp` would: as given when it contains a slash, else in `PATH`.
+fn resolve_command(name: &OsStr) -> Result<PathBuf, CommandError> {
+    let shown = name.to_string_lossy().into_owned();
+    if name.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(name);
+        return if path.exists() {
+            Ok(path)
+        } else {
+            Err(CommandError::NotFound(shown))
+        };
+    }
+    let search_path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&search_path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or(CommandError::NotFound(shown))
+}
+
+/// Starts the command so that it joins the cgroup before `exec`: its first instruction
+/// already runs inside, and so does every socket it creates.
+fn spawn_in_cgroup(
+    program: &Path,
+    name: &OsStr,
+    arguments: &[OsString],
+    cgroup: &ChildCgroup,
+) -> anyhow::Result<Child> {
+    let procs = cgroup
+        .open_procs()
+        .with_context(|| format!("cannot open {}/cgroup.procs", cgroup.path().display()))?;
+    let procs_fd = procs.as_raw_fd();
+
+    let mut command = Command::new(program);
+    command.arg0(name).args(arguments);
+    // SAFETY: the closure runs between fork and exec and calls only `write`, which is
+    // async-signal-safe; `procs` stays open in the parent until `spawn` returns.
+    unsafe {
+        command.pre_exec(move || {
+            // "0" moves the writing process itself.
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "cannot join the cgroup: {}",
+                    io::Error::last_os_error()
+                )))
+            }
+        });
+    }
+
+    let child = command.spawn().map_err(|source| {
+        let shown = name.to_string_lossy().into_owned();
+        match source.kind() {
+            io::ErrorKind::NotFound => CommandError::NotFound(shown),
+            _ => CommandError::NotExecutable {
+                command: shown,
+                source,
+            },
+        }
+    })?;
+    drop(procs);
+    log::debug!("started {} as pid {:?}", program.display(), child.id());
+    Ok(child)
+}
+
+/// Waits for the command, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
+///
+/// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and once
+/// from bypass, as with `timeout`; commands that take a second SIGINT as "force" may notice.
+async fn wait_forwarding_signals(mut child: Child) -> anyhow::Result<ExitStatus> {
+    let handler = |kind| signal(kind).context("cannot install a signal handler");
+    let mut interrupt = handler(SignalKind::interrupt())?;
+    let mut terminate = handler(SignalKind::terminate())?;
+    let mut hangup = handler(SignalKind::hangup())?;
+    let mut quit = handler(SignalKind::quit())?;
+    loop {
+        let signal = tokio::select! {
+            status = child.wait() => return Ok(status?),
+            _ = interrupt.recv() => libc::SIGINT,
+            _ = terminate.recv() => libc::SIGTERM,
+            _ = hangup.recv() => libc::SIGHUP,
+            _ = quit.recv() => libc::SIGQUIT,
+        };
+        // `id()` is None once the child was reaped, so a reused pid is never signalled.
+        if let Some(pid) = child.id() {
+            log::debug!("passing signal {signal} on to pid {pid}");
+            // SAFETY: a plain syscall on our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+}
+
+/// Maps the command's status to bypass's: its code, or 128+N for a signal N.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => exit::SIGNAL_BASE.wrapping_add(signal as u8),
+        (None, None) => exit::RUN_FAILED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_follows_env_convention() {
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGTERM)), 128 + 15);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), 128 + 9);
+    }
+
+    #[test]
+    fn resolve_finds_in_path_and_rejects_missing() {
+        assert!(resolve_command(OsStr::new("sh")).is_ok());
+        let missing = resolve_command(OsStr::new("bypass-no-such-command")).unwrap_err();
+        assert_eq!(missing.exit_code(), exit::NOT_FOUND);
+        assert_eq!(
+            missing.to_string(),
+            "command not found: bypass-no-such-command"
+        );
+        assert!(resolve_command(OsStr::new("/nonexistent/tool")).is_err());
+    }
+}

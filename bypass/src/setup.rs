@@ -1,0 +1,50 @@
+//! Start-up steps shared by `run` and `attach`: the rule set and the loaded programs.
+
+use anyhow::Context as _;
+
+use crate::{
+    cli::RuleArgs,
+    config,
+    exit::UsageError,
+    loader::{self, LoadOptions, Redirector},
+    rule::{Origin, Rule, RuleSet},
+};
+
+/// Builds the rule set from `--rule` and `--config`, or the default rule when both are
+/// absent. Every error is a [`UsageError`].
+pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
+    let mut rules = RuleSet::default();
+    for text in &args.rules {
+        let rule: Rule = text
+            .parse()
+            .with_context(|| format!("invalid rule `{text}`"))?;
+        rules
+            .push(rule, Origin::CommandLine)
+            .map_err(anyhow::Error::from)?;
+    }
+    if let Some(path) = &args.config {
+        config::load(path, &mut rules).map_err(anyhow::Error::from)?;
+    }
+    if rules.is_empty() {
+        rules = RuleSet::default_rules();
+        log::info!("no --rule or --config given; using the default rule");
+    }
+    Ok(rules)
+}
+
+/// Checks privileges, loads the programs and fills the rule maps.
+pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirector> {
+    loader::check_privileges()?;
+    let options = LoadOptions {
+        max_rules: args.max_rules,
+        log_rate: args.log_rate,
+    };
+    let redirector = Redirector::load(rules, options)?;
+    for (rule_id, (rule, origin)) in rules.iter().enumerate() {
+        log::info!("rule {rule_id}: {rule} ({origin})");
+    }
+    if args.log_rate == 0 {
+        log::info!("hit log off (--log-rate 0); hits are still counted");
+    }
+    Ok(redirector)
+}
