@@ -1,1 +1,71 @@
-fn main() {}
+//! Development tasks for bypass: `cargo xtask <task>`. Nothing here is needed at run time.
+
+mod demo;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Development tasks for bypass.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian and Ubuntu), or name it elsewhere.
+    Setup,
+    /// Set up, build, and show a real curl redirected inside a private network namespace.
+    Demo,
+    /// Set up, then run every test, the privileged ones included (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Test { args } => setup::run().and_then(|()| test(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let mut cargo = cargo();
+    cargo.args(["test", "--workspace"]).args(args);
+    // The privileged tests build their own namespaces and cgroups; keep them from racing
+    // for CPU with each other on small machines.
+    cargo.env("RUST_TEST_THREADS", std::env::var("RUST_TEST_THREADS").unwrap_or("2".into()));
+    run(&mut cargo)
+}
+
+/// The cargo that runs this xtask, with the PATH the eBPF build needs.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.env("PATH", setup::build_path());
+    command
+}
+
+/// Runs `command` and fails with its status when it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
