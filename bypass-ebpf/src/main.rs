@@ -61,8 +61,8 @@ fn redirect4(ctx: &SockAddrContext, hook: &str) {
     // SAFETY: the kernel passes a valid `bpf_sock_addr` for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = RuleKey4::from_sock_addr(sa.user_ip4, sa.user_port, sa.protocol);
-    // SAFETY: the value is copied out at once; rule updates from user space replace whole
-    // values, so a concurrent update shows either the old or the new target.
+    // SAFETY: the value is copied out at once and no reference is kept, because a preallocated
+    // hash map may recycle an element that user space replaces concurrently.
     let Some(target) = (unsafe { RULES4.get(&key) }).copied() else {
         return;
     };

@@ -54,7 +54,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(&mut cargo)
 }
 
-/// The cargo that runs this xtask, with the PATH the eBPF build needs.
+/// Returns a command for the cargo that runs this xtask, with the PATH the eBPF build needs.
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.env("PATH", setup::build_path());
