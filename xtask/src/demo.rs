@@ -2,8 +2,8 @@
 //!
 //! The namespace has 10.0.0.22 on its own `lo` and a Python HTTP server on 10.0.0.22:3000.
 //! curl runs under `bypass run` and requests http://10.0.0.22/ (port 80), and bypass sends the
-//! connection to port 3000. Nothing leaves the namespace: without the redirect, curl's connection would be
-//! refused there.
+//! connection to port 3000. Nothing leaves the namespace: without the redirect, curl's
+//! connection would be refused there.
 
 use std::{
     fs,
