@@ -14,8 +14,8 @@ use std::{
 };
 
 use support::{
-    Attached, BYPASS, Netns, TcpServer, TestCgroup, UdpEcho, attached_program_ids, client_argv,
-    client_tally, map_exists, program_exists, program_map_ids, require_root, unique_name,
+    Attached, BYPASS, FlagFile, Netns, TcpServer, TestCgroup, UdpEcho, attached_program_ids, client_argv,
+    client_tally, map_exists, program_exists, program_map_ids, require_root,
     wait_until, wait_timeout,
 };
 
@@ -131,10 +131,9 @@ fn connected_udp_keeps_target_after_detach() {
     let _target = UdpEcho::start(&netns, "10.0.0.22:5353");
     let cgroup = TestCgroup::new();
     let bypass = Attached::start(cgroup.path(), &["--rule", "udp/10.0.0.22:53=:5353"]);
-    let go = std::env::temp_dir().join(unique_name("bypass-go"));
-    let _go_guard = RemoveOnDrop(go.clone());
+    let go = FlagFile::new("bypass-go");
 
-    let argv = netns.command_line(&["python3", "-c", CONNECTED_UDP, go.to_str().expect("utf-8")]);
+    let argv = netns.command_line(&["python3", "-c", CONNECTED_UDP, go.arg()]);
     let mut client = cgroup.spawn(&argv);
     let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
     let first = lines.next().and_then(Result::ok);
@@ -142,7 +141,7 @@ fn connected_udp_keeps_target_after_detach() {
 
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
-    fs::write(&go, "").expect("create go file");
+    go.raise();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(wait_timeout(&mut client, Duration::from_secs(10)).success());
     // The socket connected under the rule keeps its destination; a new one does not get it.
@@ -162,12 +161,12 @@ while not os.path.exists(sys.argv[1]) and time.time() < deadline:
 print(where(), flush=True)
 "#;
 
-/// Removes a file or an empty directory on drop.
+/// Removes an empty directory on drop.
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0).or_else(|_| fs::remove_dir(&self.0));
+        let _ = fs::remove_dir(&self.0);
     }
 }
 
@@ -180,10 +179,9 @@ fn killed_run_leaves_command_unredirected() {
     let _original = TcpServer::start(&netns, "10.0.0.22:80");
     let _target = TcpServer::start(&netns, "10.0.0.22:3000");
     let parent = TestCgroup::new();
-    let go = std::env::temp_dir().join(unique_name("bypass-go"));
-    let _go_guard = RemoveOnDrop(go.clone());
+    let go = FlagFile::new("bypass-go");
 
-    let client = netns.command_line(&["python3", "-c", CONNECT_TWICE, go.to_str().expect("utf-8")]);
+    let client = netns.command_line(&["python3", "-c", CONNECT_TWICE, go.arg()]);
     let mut bypass = Command::new(BYPASS)
         .args(["run", "--parent-cgroup"])
         .arg(parent.path())
@@ -205,7 +203,7 @@ fn killed_run_leaves_command_unredirected() {
 
     bypass.kill().expect("SIGKILL bypass run");
     assert_eq!(bypass.wait().expect("wait").signal(), Some(libc::SIGKILL));
-    fs::write(&go, "").expect("create go file");
+    go.raise();
     // The command lives on, in its cgroup, without the redirect.
     assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("served-by 80"));
     assert_eq!(attached_program_ids(&made[0]), Vec::<u32>::new());

@@ -519,7 +519,8 @@ pub fn program_map_ids(id: u32) -> Vec<u32> {
 /// `KEY COUNT` line per outcome, then `connects N`. MODE `tally` reads the server's first line
 /// (`served-by PORT`) as the key; MODE `burst` closes at once with a reset (no TIME_WAIT, so
 /// ports do not run out) and keys on `connected`. It stops early once the file STOP exists,
-/// and makes no second connect before the file GO exists ("-" for neither).
+/// and makes no second connect before the file GO exists or 20 seconds passed ("-" for
+/// neither).
 pub const CLIENT: &str = r#"
 import collections, errno, os, socket, struct, sys, threading, time
 host, port, count, threads, mode, stop, go = sys.argv[1:8]
@@ -555,7 +556,8 @@ def worker(index):
     first = True
     while take():
         if not first:
-            while go != "-" and not os.path.exists(go):
+            deadline = time.time() + 20
+            while go != "-" and not os.path.exists(go) and time.time() < deadline:
                 time.sleep(0.005)
         local[one()] += 1
         first = False
@@ -598,4 +600,32 @@ pub fn client_argv_with(
     let (host, port) = target.rsplit_once(':').expect("HOST:PORT");
     let (count, threads) = (count.to_string(), threads.to_string());
     netns.command_line(&["python3", "-c", CLIENT, host, port, &count, &threads, mode, stop, go])
+}
+
+/// A file whose existence signals a client process (the STOP and GO files of [`CLIENT`]);
+/// removed on drop.
+pub struct FlagFile {
+    path: PathBuf,
+}
+
+impl FlagFile {
+    /// A unique path in the temporary directory; the file does not exist yet.
+    pub fn new(prefix: &str) -> Self {
+        Self { path: std::env::temp_dir().join(unique_name(prefix)) }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("temporary paths are UTF-8")
+    }
+
+    /// Creates the file.
+    pub fn raise(&self) {
+        fs::write(&self.path, "").unwrap_or_else(|err| panic!("create {}: {err}", self.arg()));
+    }
+}
+
+impl Drop for FlagFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
