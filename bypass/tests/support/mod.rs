@@ -192,7 +192,7 @@ impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Processes this test started may take a moment to leave after exiting.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+        while self.path.exists() && fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -625,6 +625,53 @@ impl FlagFile {
 }
 
 impl Drop for FlagFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Returns the cgroup id that the BPF link of each program in `programs` is attached to, from
+/// `bpftool link show` (lines `ID: cgroup  prog P` then `cgroup_id C  attach_type ...`).
+pub fn link_cgroup_ids(programs: &[u32]) -> Vec<u64> {
+    let output = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut ids = Vec::new();
+    let mut current_prog = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.iter().position(|word| *word == "prog") {
+            current_prog = words.get(at + 1).and_then(|id| id.parse::<u32>().ok());
+        }
+        if let Some(at) = words.iter().position(|word| *word == "cgroup_id") {
+            let cgroup = words.get(at + 1).and_then(|id| id.parse::<u64>().ok());
+            if let (Some(prog), Some(cgroup)) = (current_prog, cgroup) {
+                if programs.contains(&prog) {
+                    ids.push(cgroup);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// A file with given contents in the temporary directory, removed on drop.
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    pub fn with_bytes(prefix: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        fs::write(&path, bytes).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
