@@ -1,6 +1,7 @@
 //! Redirect rules: `[tcp/|udp/]FROM=TO`, their parsing, and the rule set given to the loader.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{IpAddr, SocketAddr},
     str::FromStr,
@@ -194,6 +195,9 @@ impl fmt::Display for Origin {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
     entries: Vec<(Rule, Origin)>,
+    /// Index into `entries` by protocol and source, so that adding n rules costs O(n), not
+    /// O(n²): a config file may hold tens of thousands.
+    by_source: HashMap<(Protocol, SocketAddr), usize>,
 }
 
 /// A second rule for a source that already has one.
@@ -212,10 +216,9 @@ pub struct DuplicateRule {
 impl RuleSet {
     /// Adds a rule, rejecting a second rule for the same protocol and source.
     pub fn push(&mut self, rule: Rule, origin: Origin) -> Result<(), DuplicateRule> {
-        let same_source = |(known, _): &&(Rule, Origin)| {
-            known.protocol == rule.protocol && known.from == rule.from
-        };
-        if let Some((earlier, earlier_origin)) = self.entries.iter().find(same_source) {
+        let source = (rule.protocol, rule.from);
+        if let Some(&index) = self.by_source.get(&source) {
+            let (earlier, earlier_origin) = &self.entries[index];
             return Err(DuplicateRule {
                 rule,
                 origin,
@@ -223,6 +226,7 @@ impl RuleSet {
                 earlier_origin: earlier_origin.clone(),
             });
         }
+        self.by_source.insert(source, self.entries.len());
         self.entries.push((rule, origin));
         Ok(())
     }
@@ -230,9 +234,11 @@ impl RuleSet {
     /// Returns the built-in default set, [`DEFAULT_RULE`].
     pub fn default_rules() -> Self {
         let rule = DEFAULT_RULE.parse().expect("the default rule is valid");
-        Self {
-            entries: vec![(rule, Origin::Default)],
-        }
+        let mut rules = Self::default();
+        rules
+            .push(rule, Origin::Default)
+            .expect("one rule has no duplicate");
+        rules
     }
 
     pub fn is_empty(&self) -> bool {
