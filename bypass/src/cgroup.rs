@@ -354,7 +354,10 @@ mod tests {
     fn mount_root_outside_namespace_is_seen() {
         let line = "41 31 0:38 /.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         let entries: Vec<_> = cgroup2_entries(line).collect();
-        assert_eq!(entries, [("/..".to_owned(), PathBuf::from("/sys/fs/cgroup/unified"))]);
+        assert_eq!(
+            entries,
+            [("/..".to_owned(), PathBuf::from("/sys/fs/cgroup/unified"))]
+        );
     }
 
     #[test]

@@ -122,7 +122,11 @@ pub fn parse(text: &str, path: &str, rules: &mut RuleSet) -> Result<(), ConfigEr
 /// Joins the lines of a parser message (toml puts "expected ..." on a line of its own), so
 /// that every error stays one line.
 fn one_line(message: &str) -> String {
-    let lines: Vec<&str> = message.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
     lines.join("; ")
 }
 
@@ -188,7 +192,10 @@ mod tests {
     fn syntax_error_is_one_line() {
         let message = parse_err("A=:");
         assert!(!message.contains('\n'), "{message}");
-        assert!(message.starts_with("invalid config file bypass.toml, line 1: "), "{message}");
+        assert!(
+            message.starts_with("invalid config file bypass.toml, line 1: "),
+            "{message}"
+        );
     }
 
     #[test]

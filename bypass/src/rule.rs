@@ -63,13 +63,13 @@ pub struct Rule {
 pub enum RuleError {
     #[error("expected FROM=TO, e.g. 10.0.0.22:80=:3000 or udp/10.0.0.53:53=127.0.0.1:5353")]
     MissingEquals,
-    #[error("unknown protocol `{0}` (expected tcp or udp)")]
+    #[error("unknown protocol `{}` (expected tcp or udp)", printable(.0))]
     UnknownProtocol(String),
-    #[error("`{0}` has no port; write IP:PORT, e.g. 10.0.0.22:80 or [fd00::22]:80")]
+    #[error("`{}` has no port; write IP:PORT, e.g. 10.0.0.22:80 or [fd00::22]:80", printable(.0))]
     MissingPort(String),
-    #[error("`{0}` is not an IP address")]
+    #[error("`{}` is not an IP address", printable(.0))]
     InvalidAddress(String),
-    #[error("port `{0}` is not a number")]
+    #[error("port `{}` is not a number", printable(.0))]
     InvalidPort(String),
     #[error("port {0} is out of range (1-65535)")]
     PortOutOfRange(u64),
@@ -126,6 +126,21 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}={}", self.protocol, self.from, self.to)
     }
+}
+
+/// Escapes control characters (`\n`, `\u{1b}`) in a value quoted back in a message, so that
+/// a config file cannot break an error into several lines or send terminal escapes.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn family_name(ip: IpAddr) -> &'static str {
@@ -350,6 +365,12 @@ mod tests {
             error("10.0.0.22:80=[::1]:80"),
             RuleError::FamilyMismatch { .. }
         ));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_messages() {
+        let message = error("10.0.0.22\n\u{1b}[31m:80=:81").to_string();
+        assert_eq!(message, "`10.0.0.22\\n\\u{1b}[31m` is not an IP address");
     }
 
     #[test]

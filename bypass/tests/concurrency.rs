@@ -32,7 +32,8 @@ fn parallel_runs_reach_own_targets() {
 
     // Every job makes one connect, then waits for GO: all eight are attached at once when
     // the rest of their connects run.
-    let client = client_argv_with(&netns, "10.0.0.22:80", CONNECTS_PER_JOB, 1, "tally", "-", go.arg());
+    let client =
+        client_argv_with(&netns, "10.0.0.22:80", CONNECTS_PER_JOB, 1, "tally", "-", go.arg());
     let mut jobs: Vec<Child> = ports
         .iter()
         .map(|port| {
@@ -47,9 +48,8 @@ fn parallel_runs_reach_own_targets() {
                 .expect("start bypass run")
         })
         .collect();
-    let all_started = wait_until(Duration::from_secs(20), || {
-        servers.iter().all(|server| server.accepted() >= 1)
-    });
+    let all_started =
+        wait_until(Duration::from_secs(20), || servers.iter().all(|server| server.accepted() >= 1));
     go.raise();
     assert!(all_started, "not every job connected once");
 
@@ -95,8 +95,15 @@ fn loaders_hand_over_without_gap() {
     };
 
     let first = Attached::start(cgroup.path(), &["--rule", "10.0.0.22:80=:3000"]);
-    let argv =
-        client_argv_with(&netns, "10.0.0.22:80", HANDOVER_MAX_CONNECTS, 1, "tally", stop.arg(), "-");
+    let argv = client_argv_with(
+        &netns,
+        "10.0.0.22:80",
+        HANDOVER_MAX_CONNECTS,
+        1,
+        "tally",
+        stop.arg(),
+        "-",
+    );
     let mut client = cgroup.spawn(&argv);
     phase(&first_target, PHASE_CONNECTS);
     // Both attached: the first program rewrites to :3000, the second then has no match.

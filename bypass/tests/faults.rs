@@ -12,9 +12,9 @@ use std::{
 };
 
 use support::{
-    Attached, BYPASS, Netns, TcpServer, TempFile, TestCgroup, attached_program_ids,
-    cgroup2_mount, cgroup_id, client_argv, client_tally, link_cgroup_ids, program_exists,
-    require_root, wait_until,
+    Attached, BYPASS, Netns, TcpServer, TempFile, TestCgroup, attached_program_ids, cgroup_id,
+    cgroup2_mount, client_argv, client_tally, link_cgroup_ids, program_exists, require_root,
+    wait_until,
 };
 
 /// Checks that `attach` ended by itself after its cgroup went, detached, and said why.
@@ -26,9 +26,8 @@ fn assert_ended_by_removal(bypass: Attached, cgroup: &str, programs: &[u32]) {
     assert_eq!(stderr.lines().last(), Some(reason.as_str()), "{stderr}");
     assert!(stderr.contains(&format!("detached from {cgroup}")), "{stderr}");
     assert!(!stderr.contains("ERROR"), "{stderr}");
-    let unloaded = wait_until(Duration::from_secs(5), || {
-        !programs.iter().any(|&id| program_exists(id))
-    });
+    let unloaded =
+        wait_until(Duration::from_secs(5), || !programs.iter().any(|&id| program_exists(id)));
     assert!(unloaded, "programs {programs:?} still loaded");
 }
 
@@ -87,14 +86,14 @@ fn more_rules_than_max_is_refused() {
 
     let mut attach = Command::new(BYPASS);
     attach.args(["attach", "--max-rules", "4", "--cgroup"]).arg(cgroup.path());
-    let output = attach.arg("--config").arg(&config.path()).output().expect("run bypass");
+    let output = attach.arg("--config").arg(config.path()).output().expect("run bypass");
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
     assert_eq!(attached_program_ids(cgroup.path()), Vec::<u32>::new());
 
     let mut run = Command::new(BYPASS);
     run.args(["run", "--max-rules", "4", "--parent-cgroup"]).arg(cgroup.path());
-    let output = run.arg("--config").arg(&config.path()).args(["--", "true"]).output();
+    let output = run.arg("--config").arg(config.path()).args(["--", "true"]).output();
     let output = output.expect("run bypass");
     assert_eq!(output.status.code(), Some(125));
     assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
@@ -104,7 +103,7 @@ fn more_rules_than_max_is_refused() {
     let config = config_with_rules(4);
     let mut run = Command::new(BYPASS);
     run.args(["-q", "run", "--max-rules", "4", "--parent-cgroup"]).arg(cgroup.path());
-    let output = run.arg("--config").arg(&config.path()).args(["--", "true"]).output();
+    let output = run.arg("--config").arg(config.path()).args(["--", "true"]).output();
     assert!(output.expect("run bypass").status.success());
 }
 
@@ -128,8 +127,10 @@ fn private_cgroupns_run_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");
     assert!(
-        stderr.starts_with("bypass: cgroup paths from /proc cannot be used: this process's cgroup \
-                            namespace is rooted below the top of the cgroup v2 mount"),
+        stderr.starts_with(
+            "bypass: cgroup paths from /proc cannot be used: this process's cgroup \
+                            namespace is rooted below the top of the cgroup v2 mount"
+        ),
         "{stderr:?}"
     );
     assert!(stderr.contains("pass --parent-cgroup DIR"), "{stderr}");
@@ -153,7 +154,8 @@ fn private_cgroupns_attach_hits_given_cgroup() {
     let home = TestCgroup::new();
     let target = TestCgroup::new();
     let target_arg = target.path().to_str().expect("utf-8 path");
-    let bypass = Attached::spawn(in_private_cgroupns(&home, &[BYPASS, "attach", "--cgroup", target_arg]));
+    let bypass =
+        Attached::spawn(in_private_cgroupns(&home, &[BYPASS, "attach", "--cgroup", target_arg]));
 
     let programs = attached_program_ids(target.path());
     assert!(!programs.is_empty());

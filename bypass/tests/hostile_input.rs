@@ -84,7 +84,8 @@ fn allocation_limit(input: &str) -> usize {
 fn parse_config(text: &str) -> (Result<RuleSet, String>, usize) {
     peak_allocation(|| {
         let mut rules = RuleSet::default();
-        config::parse(text, "fuzz.toml", &mut rules).map(|()| rules).map_err(|err| err.to_string())
+        let parsed = config::parse(text, "fuzz.toml", &mut rules);
+        parsed.map(|()| rules).map_err(|err| format!("{:#}", anyhow::Error::from(err)))
     })
 }
 
@@ -120,6 +121,8 @@ fn config_like() -> impl Strategy<Value = String> {
         Just("[".to_owned()),
         Just("{".to_owned()),
         Just("# comment\n".to_owned()),
+        Just("\\n".to_owned()),
+        Just("\\u001b".to_owned()),
         rule_like().prop_map(|rule| format!("\"{rule}\"\n")),
         "\\PC{0,6}",
     ];
@@ -149,9 +152,9 @@ proptest! {
         let (parsed, peak) = parse_config(&text);
         prop_assert!(peak <= allocation_limit(&text), "{peak} bytes for {text:?}");
         if let Err(message) = parsed {
-            // One line, whatever the input; only a rule value quoted back may carry more.
+            // One line without control characters, whatever the input.
             prop_assert!(!message.is_empty());
-            prop_assert!(!message.contains('\n') || text.contains('\n'), "{message:?}");
+            prop_assert!(!message.chars().any(char::is_control), "{message:?}");
         }
     }
 }
@@ -170,6 +173,16 @@ fn deep_nesting_is_an_error_not_a_crash() {
         assert!(message.starts_with("invalid config file fuzz.toml, line 1: "), "{message}");
         assert!(peak <= allocation_limit(&text), "{peak} bytes for {} input bytes", text.len());
     }
+}
+
+#[test]
+fn escapes_in_values_stay_escaped() {
+    let text = "[[rule]]\nfrom = \"10.0.0.22\\n\\u001b[2J:80\"\nto = \":1\"\n";
+    let (parsed, _) = parse_config(text);
+    assert_eq!(
+        parsed.expect_err("not an address"),
+        "invalid rule in fuzz.toml, line 1: `10.0.0.22\\n\\u{1b}[2J` is not an IP address"
+    );
 }
 
 #[test]
@@ -213,7 +226,9 @@ fn oversized_config_is_refused() {
     assert_one_line(
         &run_with_config(Path::new("/dev/zero")),
         125,
-        &format!("bypass: config file /dev/zero is larger than {limit} bytes; is it the right file?"),
+        &format!(
+            "bypass: config file /dev/zero is larger than {limit} bytes; is it the right file?"
+        ),
     );
     // At the limit is still read (this one has no rules; parsing then reports that).
     let mut text = vec![b'#'; limit];
@@ -241,7 +256,8 @@ fn non_utf8_config_path_is_reported() {
     );
 
     let config = non_utf8_path("bypass-config");
-    fs::write(&config, "[[rule]]\nfrom = \"10.0.0.22:80\"\nto = \":1\"\nport = 2\n").expect("write");
+    fs::write(&config, "[[rule]]\nfrom = \"10.0.0.22:80\"\nto = \":1\"\nport = 2\n")
+        .expect("write");
     let output = run_with_config(&config);
     let _ = fs::remove_file(&config);
     assert_one_line(

@@ -50,7 +50,8 @@ fn number_before(stderr: &str, suffix: &str) -> Option<u64> {
 
 /// `(written, not logged)` from `hit log: X lines written, Y hits not logged (rate limit)`.
 fn hit_log_totals(stderr: &str) -> Option<(u64, u64)> {
-    let line = stderr.lines().find_map(|line| line.split_once("hit log: ").map(|(_, rest)| rest))?;
+    let line =
+        stderr.lines().find_map(|line| line.split_once("hit log: ").map(|(_, rest)| rest))?;
     let mut numbers = line.split_whitespace().filter_map(|word| word.parse().ok());
     Some((numbers.next()?, numbers.next()?))
 }

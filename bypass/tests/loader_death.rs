@@ -14,9 +14,9 @@ use std::{
 };
 
 use support::{
-    Attached, BYPASS, FlagFile, Netns, TcpServer, TestCgroup, UdpEcho, attached_program_ids, client_argv,
-    client_tally, map_exists, program_exists, program_map_ids, require_root,
-    wait_until, wait_timeout,
+    Attached, BYPASS, FlagFile, Netns, TcpServer, TestCgroup, UdpEcho, attached_program_ids,
+    client_argv, client_tally, map_exists, program_exists, program_map_ids, require_root,
+    wait_timeout, wait_until,
 };
 
 /// Where one connect to 10.0.0.22:80 from `cgroup` went: `served-by PORT`.

@@ -73,7 +73,10 @@ impl Netns {
         run_checked("ip", &["netns", "add", &netns.name]);
         run_checked("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
         run_checked("ip", &["-n", &netns.name, "addr", "add", "10.0.0.22/32", "dev", "lo"]);
-        run_checked("ip", &["-n", &netns.name, "addr", "add", "fd00::22/128", "dev", "lo", "nodad"]);
+        run_checked(
+            "ip",
+            &["-n", &netns.name, "addr", "add", "fd00::22/128", "dev", "lo", "nodad"],
+        );
         netns
     }
 
@@ -192,7 +195,8 @@ impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Processes this test started may take a moment to leave after exiting.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.path.exists() && fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+        while self.path.exists() && fs::remove_dir(&self.path).is_err() && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -204,11 +208,8 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
     if !cgroup.exists() {
         return Vec::new();
     }
-    let output = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool");
+    let output =
+        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
     assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
     // Lines: ID AttachType AttachFlags Name; the header starts with "ID".
     String::from_utf8_lossy(&output.stdout)
@@ -362,7 +363,11 @@ impl Attached {
             if let Ok(Some(status)) = attached.child.try_wait() {
                 panic!("bypass attach exited with {status}:\n{}", attached.stderr());
             }
-            assert!(Instant::now() < deadline, "bypass attach did not start:\n{}", attached.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "bypass attach did not start:\n{}",
+                attached.stderr()
+            );
             thread::sleep(Duration::from_millis(10));
         }
         attached
@@ -583,7 +588,13 @@ pub fn client_tally(stdout: &str) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// The argv that runs [`CLIENT`] inside `netns`.
-pub fn client_argv(netns: &Netns, target: &str, count: u64, threads: u32, mode: &str) -> Vec<String> {
+pub fn client_argv(
+    netns: &Netns,
+    target: &str,
+    count: u64,
+    threads: u32,
+    mode: &str,
+) -> Vec<String> {
     client_argv_with(netns, target, count, threads, mode, "-", "-")
 }
 
