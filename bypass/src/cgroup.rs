@@ -135,10 +135,10 @@ pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
 /// Checks that paths from `/proc/PID/cgroup` can be joined to `mount`.
 ///
 /// `/proc/PID/cgroup` gives paths from the root of the reader's cgroup namespace. Inside a
-/// private namespace (`unshare -C`, most containers) that root is some cgroup deep in the
-/// hierarchy, while a mount made outside it still starts at the hierarchy's root; mountinfo
-/// then shows the mount's root as `/..` or deeper. Joining the two would name the wrong
-/// cgroup, so that case is refused.
+/// private namespace (`unshare -C`, most containers), that root is some cgroup deep in the
+/// hierarchy. A mount made outside the namespace still starts at the hierarchy's root, and
+/// mountinfo then shows the mount's root as `/..` or deeper. Joining the two would name the
+/// wrong cgroup, so that case is rejected.
 pub fn check_namespace(mount: &Path) -> Result<(), CgroupError> {
     let path = "/proc/self/mountinfo";
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
@@ -201,7 +201,7 @@ pub fn check_dir(path: &Path, mount: &Path, allow_root: bool) -> Result<PathBuf,
         return Err(not_cgroup2());
     }
     // A symlink, or a second mount of the hierarchy, may lead out of the mount that `run`
-    // and the namespace check use; only where the path resolves to counts.
+    // and the namespace check use. Only the resolved path counts.
     let canonical_mount = fs::canonicalize(mount).unwrap_or_else(|_| mount.to_owned());
     if !canonical.starts_with(&canonical_mount) {
         return Err(CgroupError::OutsideMount {

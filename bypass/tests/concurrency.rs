@@ -1,5 +1,5 @@
-//! Several loaders at once: jobs with rules for the same source each reach their own target,
-//! and a cgroup handed from one loader to another never sees a connect without a rule.
+//! Several loaders at once. Jobs with rules for the same source each reach their own target,
+//! and a cgroup handed from one loader to another makes no connect without a rule.
 
 mod support;
 

@@ -1,5 +1,5 @@
 //! Faults around the loader: its cgroup removed or replaced while attached, more rules than
-//! the maps hold, a private cgroup namespace, and no BPF file system.
+//! the maps can contain, a private cgroup namespace, and no BPF file system.
 
 mod support;
 
@@ -17,7 +17,7 @@ use support::{
     wait_until,
 };
 
-/// Checks that `attach` ended by itself after its cgroup went, detached, and said why.
+/// Checks that `attach` ended by itself after its cgroup went, detached, and gave the reason.
 fn assert_ended_by_removal(bypass: Attached, cgroup: &str, programs: &[u32]) {
     let (status, stderr) = bypass.wait();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -60,7 +60,7 @@ fn recreated_cgroup_is_not_mistaken() {
     assert_eq!(attached_program_ids(cgroup.path()), Vec::<u32>::new());
 }
 
-/// A config file with `count` distinct rules.
+/// Writes a config file with `count` distinct rules.
 fn config_with_rules(count: u16) -> TempFile {
     let text: String = (0..count)
         .map(|i| format!("[[rule]]\nfrom = \"10.0.1.{}:80\"\nto = \":3000\"\n", i + 1))
@@ -68,15 +68,15 @@ fn config_with_rules(count: u16) -> TempFile {
     TempFile::with_bytes("bypass-config", text.as_bytes())
 }
 
-/// The directories in `dir`.
+/// Lists the directories in `dir`.
 fn subdirectories(dir: &Path) -> Vec<PathBuf> {
     let entries = fs::read_dir(dir).unwrap_or_else(|err| panic!("ls {}: {err}", dir.display()));
     entries.flatten().map(|entry| entry.path()).filter(|path| path.is_dir()).collect()
 }
 
 #[test]
-fn more_rules_than_max_is_refused() {
-    if !require_root("more_rules_than_max_is_refused") {
+fn more_rules_than_max_is_rejected() {
+    if !require_root("more_rules_than_max_is_rejected") {
         return;
     }
     let cgroup = TestCgroup::new();
@@ -115,8 +115,8 @@ fn in_private_cgroupns(cgroup: &TestCgroup, argv: &[&str]) -> Command {
 }
 
 #[test]
-fn private_cgroupns_run_is_refused() {
-    if !require_root("private_cgroupns_run_is_refused") {
+fn private_cgroupns_run_is_rejected() {
+    if !require_root("private_cgroupns_run_is_rejected") {
         return;
     }
     let home = TestCgroup::new();

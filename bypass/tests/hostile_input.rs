@@ -1,5 +1,5 @@
-//! Hostile input: the rule and config parsers never panic and allocate in proportion to their
-//! input; oversized files, non-UTF-8 paths and symlinks out of the cgroup mount get one clear
+//! Hostile input. The rule and config parsers never panic and allocate in proportion to their
+//! input. Oversized files, non-UTF-8 paths and symlinks out of the cgroup mount get one clear
 //! line each.
 
 mod support;
@@ -72,8 +72,8 @@ fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 }
 
 /// Bytes a parse may hold per byte of input, plus a fixed allowance. The worst input seen,
-/// a long dotted key (`k.k.k...`), costs toml about 95 bytes per input byte before it is
-/// rejected; with the 1 MiB file cap that bounds a parse at about 100 MiB.
+/// a long dotted key (`k.k.k...`), costs toml 0.8 about 95 bytes per input byte before it is
+/// rejected. With the 1 MiB file cap, that bounds a parse at about 100 MB.
 const BYTES_PER_INPUT_BYTE: usize = 128;
 const FIXED_ALLOWANCE: usize = 64 * 1024;
 
@@ -213,7 +213,7 @@ fn run_with_config(config: &Path) -> Output {
 }
 
 #[test]
-fn oversized_config_is_refused() {
+fn oversized_config_is_rejected() {
     let limit = MAX_CONFIG_BYTES as usize;
     let big = TempFile::with_bytes("bypass-big", &vec![b'#'; limit + 1]);
     let shown = big.path().display();
@@ -230,7 +230,7 @@ fn oversized_config_is_refused() {
             "bypass: config file /dev/zero is larger than {limit} bytes; is it the right file?"
         ),
     );
-    // At the limit is still read (this one has no rules; parsing then reports that).
+    // A file of exactly the limit is read. It contains only a comment, so it yields no rules.
     let mut text = vec![b'#'; limit];
     text[limit - 1] = b'\n';
     let at_limit = TempFile::with_bytes("bypass-limit", &text);
@@ -238,7 +238,7 @@ fn oversized_config_is_refused() {
     config::load(at_limit.path(), &mut rules).expect("a file of exactly the limit is read");
 }
 
-/// A path in the temporary directory whose name is not UTF-8.
+/// Returns a path in the temporary directory whose name is not UTF-8.
 fn non_utf8_path(prefix: &str) -> PathBuf {
     let mut name = unique_name(prefix).into_bytes();
     name.extend_from_slice(b"-\xff\xfe");
@@ -318,7 +318,7 @@ fn attach_args(cgroup: &Path) -> Vec<&OsStr> {
 }
 
 #[test]
-fn symlink_out_of_cgroup_mount_is_refused() {
+fn symlink_out_of_cgroup_mount_is_rejected() {
     let mount = cgroup2_mount();
     let link = Symlink::to(&std::env::temp_dir());
     assert_one_line(
@@ -334,8 +334,8 @@ fn symlink_out_of_cgroup_mount_is_refused() {
 }
 
 #[test]
-fn symlink_to_second_cgroup_mount_is_refused() {
-    if !require_root("symlink_to_second_cgroup_mount_is_refused") {
+fn symlink_to_second_cgroup_mount_is_rejected() {
+    if !require_root("symlink_to_second_cgroup_mount_is_rejected") {
         return;
     }
     let cgroup = TestCgroup::new();

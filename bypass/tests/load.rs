@@ -22,7 +22,7 @@ const THREADS: u32 = 4;
 /// Growth of the loader's resident memory allowed over the burst.
 const RSS_GROWTH_LIMIT_KB: u64 = 2048;
 
-/// VmRSS of `pid` in kB.
+/// Reads the VmRSS of `pid`, in kB.
 fn rss_kb(pid: i32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
@@ -41,14 +41,14 @@ fn sample_rss(pid: i32, stop: Arc<AtomicBool>) -> thread::JoinHandle<Vec<u64>> {
     })
 }
 
-/// The number in the first stderr line that ends with `suffix`, e.g. `N hits: RULE`.
+/// Returns the number in the first stderr line that ends with `suffix`, e.g. `N hits: RULE`.
 fn number_before(stderr: &str, suffix: &str) -> Option<u64> {
     let line = stderr.lines().find(|line| line.ends_with(suffix))?;
     let before = line.strip_suffix(suffix)?;
     before.split_whitespace().last()?.parse().ok()
 }
 
-/// `(written, not logged)` from `hit log: X lines written, Y hits not logged (rate limit)`.
+/// Returns `(written, not logged)` from `hit log: X lines written, Y hits not logged (rate limit)`.
 fn hit_log_totals(stderr: &str) -> Option<(u64, u64)> {
     let line =
         stderr.lines().find_map(|line| line.split_once("hit log: ").map(|(_, rest)| rest))?;

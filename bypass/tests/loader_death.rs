@@ -1,6 +1,6 @@
-//! What the end of a foreground loader leaves: after SIGKILL nothing stays attached or loaded
-//! and the next connect goes to the original destination; SIGTERM and SIGINT detach cleanly;
-//! sockets connected before the end keep the destination they were given.
+//! What the end of a foreground loader leaves. After SIGKILL nothing stays attached or loaded,
+//! and the next connect goes to the original destination. SIGTERM and SIGINT detach cleanly.
+//! Sockets connected before the end keep the destination they were given.
 
 mod support;
 
@@ -19,7 +19,7 @@ use support::{
     wait_timeout, wait_until,
 };
 
-/// Where one connect to 10.0.0.22:80 from `cgroup` went: `served-by PORT`.
+/// Connects once to 10.0.0.22:80 from `cgroup` and returns where it went: `served-by PORT`.
 fn connect_once(netns: &Netns, cgroup: &TestCgroup) -> String {
     let output = cgroup.run(&client_argv(netns, "10.0.0.22:80", 1, 1, "tally"));
     let tally = client_tally(&String::from_utf8_lossy(&output.stdout));
@@ -27,7 +27,7 @@ fn connect_once(netns: &Netns, cgroup: &TestCgroup) -> String {
     keys.next().unwrap_or_default()
 }
 
-/// The ids of our attached programs and of the maps they use.
+/// Returns the ids of our programs attached to `cgroup` and of the maps they use.
 fn our_objects(cgroup: &Path) -> (Vec<u32>, Vec<u32>) {
     let programs = attached_program_ids(cgroup);
     assert!(!programs.is_empty(), "nothing attached to {}", cgroup.display());
@@ -100,8 +100,8 @@ fn sigint_detaches_cleanly() {
     }
 }
 
-/// Connects a UDP socket to 10.0.0.22:53 and prints the reply; once the file GO exists it
-/// sends again on the same socket, then on a new one, printing both replies.
+/// Connects a UDP socket to 10.0.0.22:53 and prints the reply. Once the file GO exists, it
+/// sends again on the same socket, then on a new one, and prints both replies.
 const CONNECTED_UDP: &str = r#"
 import os, socket, sys, time
 def ask(s, text):

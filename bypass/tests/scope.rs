@@ -1,5 +1,5 @@
-//! Which sockets the redirect applies to: those created in the target cgroup or below it,
-//! nothing else; and what it does to the connects it does not match (nothing).
+//! Which sockets the redirect applies to: those created in the target cgroup or below it, and
+//! nothing else. Connects that match no rule are left as they are.
 
 mod support;
 
@@ -11,7 +11,7 @@ use support::{
 
 const CONNECTS: u64 = 3;
 
-/// Where `CONNECTS` tallied connects to 10.0.0.22:80 from `argv`'s process went.
+/// Returns where a client's connects went, from its output: `(served-by PORT, count)`.
 fn destinations(output: std::process::Output) -> Vec<(String, u64)> {
     assert!(output.status.success(), "client failed: {}", String::from_utf8_lossy(&output.stderr));
     let tally = client_tally(&String::from_utf8_lossy(&output.stdout));

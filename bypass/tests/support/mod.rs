@@ -168,7 +168,7 @@ impl TestCgroup {
         command.spawn().unwrap_or_else(|err| panic!("start {argv:?}: {err}"))
     }
 
-    /// A command for `argv` that joins this cgroup before `exec`.
+    /// Builds a command for `argv` that joins this cgroup before `exec`.
     pub fn command(&self, argv: &[String]) -> Command {
         let procs = fs::OpenOptions::new()
             .write(true)
@@ -451,7 +451,8 @@ fn wait_readable(socket: &impl AsRawFd, timeout: Duration) {
     unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
-/// Polls `condition` every 10 ms until it holds or `timeout` passes; returns whether it held.
+/// Polls `condition` every 10 ms until it is true or `timeout` passes; returns whether it
+/// became true.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
@@ -465,7 +466,8 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
-/// The id of a cgroup: the inode number of its directory, as the kernel and bpftool give it.
+/// Returns the id of a cgroup: the inode number of its directory, as the kernel and bpftool
+/// give it.
 pub fn cgroup_id(cgroup: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     fs::metadata(cgroup).unwrap_or_else(|err| panic!("stat {}: {err}", cgroup.display())).ino()
@@ -576,7 +578,7 @@ for key, n in sorted(tally.items()): print(key, n)
 print("connects", made[0], flush=True)
 "#;
 
-/// The outcome counts a [`CLIENT`] printed, by key (`served-by 3000`, `error ECONNREFUSED`).
+/// Parses the outcome counts a [`CLIENT`] printed, by key (`served-by 3000`, `error ECONNREFUSED`).
 pub fn client_tally(stdout: &str) -> std::collections::BTreeMap<String, u64> {
     stdout
         .lines()
@@ -587,7 +589,7 @@ pub fn client_tally(stdout: &str) -> std::collections::BTreeMap<String, u64> {
         .collect()
 }
 
-/// The argv that runs [`CLIENT`] inside `netns`.
+/// Returns the argv that runs [`CLIENT`] inside `netns`.
 pub fn client_argv(
     netns: &Netns,
     target: &str,
@@ -620,7 +622,7 @@ pub struct FlagFile {
 }
 
 impl FlagFile {
-    /// A unique path in the temporary directory; the file does not exist yet.
+    /// Picks a unique path in the temporary directory; the file does not exist yet.
     pub fn new(prefix: &str) -> Self {
         Self { path: std::env::temp_dir().join(unique_name(prefix)) }
     }
