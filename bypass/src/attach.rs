@@ -69,8 +69,9 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Returns once the cgroup `id` at `path` is gone. Its programs went with it: nothing can
-/// join a removed cgroup, so a loader that kept running would only look like a redirect.
+/// Returns once the cgroup `id` at `path` is gone. The kernel ends the attachment with the
+/// cgroup, and nothing can join a removed cgroup, so a loader that kept running would only
+/// look like a redirect.
 async fn removal(path: &Path, id: u64) {
     let mut interval = time::interval(REMOVAL_CHECK_INTERVAL);
     loop {
