@@ -40,6 +40,24 @@ pub enum CgroupError {
     RootCgroup { path: String },
     #[error("cannot create cgroup {path}")]
     Create { path: String, source: io::Error },
+    #[error(
+        "{path} resolves to {resolved}, which is outside the cgroup v2 mount {mount}; give a \
+         directory under {mount}"
+    )]
+    OutsideMount {
+        path: String,
+        resolved: String,
+        mount: String,
+    },
+    #[error(
+        "cgroup paths from /proc cannot be used: this process's cgroup namespace is rooted \
+         below the top of the cgroup v2 mount {mount} (mountinfo shows the mount's root as \
+         `{root}`); pass --parent-cgroup DIR, or run bypass in the host's cgroup namespace \
+         (e.g. nsenter --cgroup=/proc/1/ns/cgroup)"
+    )]
+    ForeignNamespace { mount: String, root: String },
+    #[error("cgroup {path} was removed while attached; the redirect ended with it")]
+    Removed { path: String },
 }
 
 /// Returns the mount point of the first cgroup v2 file system in `/proc/self/mountinfo`.
@@ -54,16 +72,22 @@ pub fn find_mount() -> Result<PathBuf, CgroupError> {
 
 /// Returns the mount point of the first `cgroup2` entry of a mountinfo text.
 fn parse_mountinfo(text: &str) -> Option<PathBuf> {
-    text.lines().find_map(|line| {
+    cgroup2_entries(text).next().map(|(_, mount)| mount)
+}
+
+/// Yields `(root, mount point)` of each `cgroup2` entry of a mountinfo text. The root is the
+/// cgroup the mount shows at its top, as a path from this process's cgroup namespace root.
+fn cgroup2_entries(text: &str) -> impl Iterator<Item = (String, PathBuf)> + '_ {
+    text.lines().filter_map(|line| {
         // Fields: id parent major:minor root mount-point options [optional...] - fstype ...
         let (before, after) = line.split_once(" - ")?;
         if after.split(' ').next()? != "cgroup2" {
             return None;
         }
-        before
-            .split(' ')
-            .nth(4)
-            .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        let mut fields = before.split(' ').skip(3);
+        let root = unescape_mountinfo(fields.next()?);
+        let mount = PathBuf::from(unescape_mountinfo(fields.next()?));
+        Some((root, mount))
     })
 }
 
@@ -94,7 +118,11 @@ fn unescape_mountinfo(field: &str) -> String {
 }
 
 /// Returns the directory of this process's own cgroup v2, under `mount`.
+///
+/// Fails with [`CgroupError::ForeignNamespace`] where `/proc/self/cgroup` and the mount do not
+/// share a root (see [`check_namespace`]).
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
+    check_namespace(mount)?;
     let path = "/proc/self/cgroup";
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
         path: path.into(),
@@ -102,6 +130,46 @@ pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
     })?;
     let relative = parse_proc_cgroup(&text).ok_or(CgroupError::NoOwnCgroup)?;
     Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+/// Checks that paths from `/proc/PID/cgroup` can be joined to `mount`.
+///
+/// `/proc/PID/cgroup` gives paths from the root of the reader's cgroup namespace. Inside a
+/// private namespace (`unshare -C`, most containers), that root is some cgroup deep in the
+/// hierarchy. A mount made outside the namespace still starts at the hierarchy's root, and
+/// mountinfo then shows the mount's root as `/..` or deeper. Joining the two would name the
+/// wrong cgroup, so that case is rejected.
+pub fn check_namespace(mount: &Path) -> Result<(), CgroupError> {
+    let path = "/proc/self/mountinfo";
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let root = cgroup2_entries(&text)
+        .find(|(_, point)| point == mount)
+        .map(|(root, _)| root)
+        .ok_or(CgroupError::NoMount)?;
+    if root == "/" {
+        Ok(())
+    } else {
+        Err(CgroupError::ForeignNamespace {
+            mount: mount.display().to_string(),
+            root,
+        })
+    }
+}
+
+/// Returns the id of the cgroup at `path`: the inode number of its directory, the number
+/// the kernel reports as cgroup id (bpftool, `bpf_get_current_cgroup_id`).
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// Returns whether the cgroup with id `id` at `path` is gone: removed, or replaced by a new
+/// cgroup of the same name (which has a new id).
+pub fn is_gone(path: &Path, id: u64) -> bool {
+    cgroup_id(path).map_or(true, |now| now != id)
 }
 
 /// Returns the cgroup v2 path (the `0::` line) of a `/proc/PID/cgroup` text.
@@ -132,7 +200,16 @@ pub fn check_dir(path: &Path, mount: &Path, allow_root: bool) -> Result<PathBuf,
     if !canonical.is_dir() || !is_cgroup2(&canonical).map_err(|_| not_cgroup2())? {
         return Err(not_cgroup2());
     }
+    // A symlink, or a second mount of the hierarchy, may lead out of the mount that `run`
+    // and the namespace check use. Only the resolved path counts.
     let canonical_mount = fs::canonicalize(mount).unwrap_or_else(|_| mount.to_owned());
+    if !canonical.starts_with(&canonical_mount) {
+        return Err(CgroupError::OutsideMount {
+            path: shown,
+            resolved: canonical.display().to_string(),
+            mount: mount.display().to_string(),
+        });
+    }
     if canonical == canonical_mount && !allow_root {
         return Err(CgroupError::RootCgroup { path: shown });
     }
@@ -271,6 +348,16 @@ mod tests {
     fn no_cgroup2_mount_is_none() {
         let v1_only = "40 31 0:37 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(parse_mountinfo(v1_only), None);
+    }
+
+    #[test]
+    fn mount_root_outside_namespace_is_seen() {
+        let line = "41 31 0:38 /.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let entries: Vec<_> = cgroup2_entries(line).collect();
+        assert_eq!(
+            entries,
+            [("/..".to_owned(), PathBuf::from("/sys/fs/cgroup/unified"))]
+        );
     }
 
     #[test]

@@ -88,11 +88,14 @@ pub fn parse(text: &str, path: &str, rules: &mut RuleSet) -> Result<(), ConfigEr
     let file: ConfigFile = toml::from_str(text).map_err(|err| ConfigError::Syntax {
         path: path.to_owned(),
         line: err.span().map_or(1, |span| line_of(text, span.start)),
-        message: err.message().trim_end().to_owned(),
+        message: one_line(err.message()),
     })?;
 
+    // Offsets of the line ends, so that finding each table's line costs a binary search, not
+    // a scan from the start (quadratic in a file of many rules).
+    let newlines: Vec<usize> = text.match_indices('\n').map(|(at, _)| at).collect();
     for table in file.rule {
-        let line = line_of(text, table.span().start);
+        let line = newlines.partition_point(|&at| at < table.span().start) + 1;
         let table = table.into_inner();
         let rule_error = |source| ConfigError::Rule {
             path: path.to_owned(),
@@ -114,6 +117,17 @@ pub fn parse(text: &str, path: &str, rules: &mut RuleSet) -> Result<(), ConfigEr
         )?;
     }
     Ok(())
+}
+
+/// Joins the lines of a parser message (toml puts "expected ..." on a line of its own), so
+/// that every error stays one line.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join("; ")
 }
 
 /// Returns the 1-based line number of byte `offset` in `text`.
@@ -170,6 +184,16 @@ mod tests {
         let message = parse_err("[[rule]]\nfrom = \"10.0.0.22:80\"\nto = :3000\n");
         assert!(
             message.starts_with("invalid config file bypass.toml, line 3: "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_one_line() {
+        let message = parse_err("A=:");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(
+            message.starts_with("invalid config file bypass.toml, line 1: "),
             "{message}"
         );
     }

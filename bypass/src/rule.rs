@@ -1,6 +1,7 @@
 //! Redirect rules: `[tcp/|udp/]FROM=TO`, their parsing, and the rule set given to the loader.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{IpAddr, SocketAddr},
     str::FromStr,
@@ -62,13 +63,13 @@ pub struct Rule {
 pub enum RuleError {
     #[error("expected FROM=TO, e.g. 10.0.0.22:80=:3000 or udp/10.0.0.53:53=127.0.0.1:5353")]
     MissingEquals,
-    #[error("unknown protocol `{0}` (expected tcp or udp)")]
+    #[error("unknown protocol `{}` (expected tcp or udp)", printable(.0))]
     UnknownProtocol(String),
-    #[error("`{0}` has no port; write IP:PORT, e.g. 10.0.0.22:80 or [fd00::22]:80")]
+    #[error("`{}` has no port; write IP:PORT, e.g. 10.0.0.22:80 or [fd00::22]:80", printable(.0))]
     MissingPort(String),
-    #[error("`{0}` is not an IP address")]
+    #[error("`{}` is not an IP address", printable(.0))]
     InvalidAddress(String),
-    #[error("port `{0}` is not a number")]
+    #[error("port `{}` is not a number", printable(.0))]
     InvalidPort(String),
     #[error("port {0} is out of range (1-65535)")]
     PortOutOfRange(u64),
@@ -125,6 +126,21 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}={}", self.protocol, self.from, self.to)
     }
+}
+
+/// Escapes control characters (`\n`, `\u{1b}`) in a value quoted back in a message, so that
+/// a config file cannot break an error into several lines or send terminal escapes.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn family_name(ip: IpAddr) -> &'static str {
@@ -194,6 +210,9 @@ impl fmt::Display for Origin {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
     entries: Vec<(Rule, Origin)>,
+    /// Index into `entries` by protocol and source, so that adding n rules costs O(n), not
+    /// O(n²): a config file may hold tens of thousands.
+    by_source: HashMap<(Protocol, SocketAddr), usize>,
 }
 
 /// A second rule for a source that already has one.
@@ -212,10 +231,9 @@ pub struct DuplicateRule {
 impl RuleSet {
     /// Adds a rule, rejecting a second rule for the same protocol and source.
     pub fn push(&mut self, rule: Rule, origin: Origin) -> Result<(), DuplicateRule> {
-        let same_source = |(known, _): &&(Rule, Origin)| {
-            known.protocol == rule.protocol && known.from == rule.from
-        };
-        if let Some((earlier, earlier_origin)) = self.entries.iter().find(same_source) {
+        let source = (rule.protocol, rule.from);
+        if let Some(&index) = self.by_source.get(&source) {
+            let (earlier, earlier_origin) = &self.entries[index];
             return Err(DuplicateRule {
                 rule,
                 origin,
@@ -223,6 +241,7 @@ impl RuleSet {
                 earlier_origin: earlier_origin.clone(),
             });
         }
+        self.by_source.insert(source, self.entries.len());
         self.entries.push((rule, origin));
         Ok(())
     }
@@ -230,9 +249,11 @@ impl RuleSet {
     /// Returns the built-in default set, [`DEFAULT_RULE`].
     pub fn default_rules() -> Self {
         let rule = DEFAULT_RULE.parse().expect("the default rule is valid");
-        Self {
-            entries: vec![(rule, Origin::Default)],
-        }
+        let mut rules = Self::default();
+        rules
+            .push(rule, Origin::Default)
+            .expect("one rule has no duplicate");
+        rules
     }
 
     pub fn is_empty(&self) -> bool {
@@ -344,6 +365,12 @@ mod tests {
             error("10.0.0.22:80=[::1]:80"),
             RuleError::FamilyMismatch { .. }
         ));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_messages() {
+        let message = error("10.0.0.22\n\u{1b}[31m:80=:81").to_string();
+        assert_eq!(message, "`10.0.0.22\\n\\u{1b}[31m` is not an IP address");
     }
 
     #[test]

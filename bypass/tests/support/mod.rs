@@ -73,7 +73,10 @@ impl Netns {
         run_checked("ip", &["netns", "add", &netns.name]);
         run_checked("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
         run_checked("ip", &["-n", &netns.name, "addr", "add", "10.0.0.22/32", "dev", "lo"]);
-        run_checked("ip", &["-n", &netns.name, "addr", "add", "fd00::22/128", "dev", "lo", "nodad"]);
+        run_checked(
+            "ip",
+            &["-n", &netns.name, "addr", "add", "fd00::22/128", "dev", "lo", "nodad"],
+        );
         netns
     }
 
@@ -155,24 +158,36 @@ impl TestCgroup {
 
     /// Runs `argv` to completion as a member of this cgroup from its first instruction.
     pub fn run(&self, argv: &[String]) -> Output {
+        self.command(argv).output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
+    }
+
+    /// Starts `argv` in this cgroup with stdout piped; the caller waits for it.
+    pub fn spawn(&self, argv: &[String]) -> Child {
+        let mut command = self.command(argv);
+        command.stdout(Stdio::piped());
+        command.spawn().unwrap_or_else(|err| panic!("start {argv:?}: {err}"))
+    }
+
+    /// Builds a command for `argv` that joins this cgroup before `exec`.
+    pub fn command(&self, argv: &[String]) -> Command {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
-        let fd = procs.as_raw_fd();
         let mut command = Command::new(&argv[0]);
         command.args(&argv[1..]);
-        // SAFETY: only `write`, which is async-signal-safe, runs between fork and exec.
+        // SAFETY: only `write`, which is async-signal-safe, runs between fork and exec. The
+        // closure owns `procs`, so its fd stays open as long as the command exists.
         unsafe {
             command.pre_exec(move || {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1 {
                     Ok(())
                 } else {
                     Err(std::io::Error::last_os_error())
                 }
             });
         }
-        command.output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
+        command
     }
 }
 
@@ -180,7 +195,8 @@ impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Processes this test started may take a moment to leave after exiting.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+        while self.path.exists() && fs::remove_dir(&self.path).is_err() && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(10));
         }
     }
@@ -192,11 +208,8 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
     if !cgroup.exists() {
         return Vec::new();
     }
-    let output = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool");
+    let output =
+        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
     assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
     // Lines: ID AttachType AttachFlags Name; the header starts with "ID".
     String::from_utf8_lossy(&output.stdout)
@@ -220,6 +233,9 @@ impl TcpServer {
         let addr: SocketAddr = addr.parse().expect("server address");
         let listener = netns.enter(move || TcpListener::bind(addr).expect("bind server"));
         listener.set_nonblocking(true).expect("nonblocking listener");
+        // A deeper accept queue than std's 128, so bursts of connects are not dropped.
+        // SAFETY: listen on a listening socket only resizes its queue.
+        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -232,7 +248,7 @@ impl TcpServer {
                             let _ = stream.set_nonblocking(false);
                             let _ = writeln!(stream, "served-by {}", addr.port());
                         }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                        Err(_) => wait_readable(&listener, Duration::from_millis(20)),
                     }
                 }
             })
@@ -316,11 +332,15 @@ impl Attached {
     /// Starts `bypass attach --cgroup CGROUP ARGS` and waits until it reports that it is
     /// redirecting. Panics with its output if it exits or takes longer than 10 seconds.
     pub fn start(cgroup: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BYPASS)
-            .arg("attach")
-            .arg("--cgroup")
-            .arg(cgroup)
-            .args(args)
+        let mut command = Command::new(BYPASS);
+        command.arg("attach").arg("--cgroup").arg(cgroup).args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts `command`, a `bypass attach` command line, and waits as [`Attached::start`]
+    /// does.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -343,7 +363,11 @@ impl Attached {
             if let Ok(Some(status)) = attached.child.try_wait() {
                 panic!("bypass attach exited with {status}:\n{}", attached.stderr());
             }
-            assert!(Instant::now() < deadline, "bypass attach did not start:\n{}", attached.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "bypass attach did not start:\n{}",
+                attached.stderr()
+            );
             thread::sleep(Duration::from_millis(10));
         }
         attached
@@ -371,9 +395,15 @@ impl Attached {
     }
 
     /// Sends `signal` and waits for the exit; returns the status and the whole stderr.
-    pub fn stop_with(mut self, signal: i32) -> (ExitStatus, String) {
+    pub fn stop_with(self, signal: i32) -> (ExitStatus, String) {
         // SAFETY: signals our own child, which has not been reaped.
         unsafe { libc::kill(self.pid(), signal) };
+        self.wait()
+    }
+
+    /// Waits for bypass to exit by itself (killing it after 10 seconds); returns the status
+    /// and the whole stderr.
+    pub fn wait(mut self) -> (ExitStatus, String) {
         let status = wait_timeout(&mut self.child, Duration::from_secs(10));
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
@@ -412,4 +442,250 @@ pub fn read_all(mut reader: impl Read) -> String {
     let mut text = String::new();
     let _ = reader.read_to_string(&mut text);
     text
+}
+
+/// Waits until `socket` is readable (for a listener: a connection is waiting), or `timeout`.
+fn wait_readable(socket: &impl AsRawFd, timeout: Duration) {
+    let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+/// Polls `condition` every 10 ms until it is true or `timeout` passes; returns whether it
+/// became true.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Returns the id of a cgroup: the inode number of its directory, as the kernel and bpftool
+/// give it.
+pub fn cgroup_id(cgroup: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(cgroup).unwrap_or_else(|err| panic!("stat {}: {err}", cgroup.display())).ino()
+}
+
+/// Returns the ids of the programs attached to `cgroup` (`bpftool cgroup show`).
+pub fn attached_program_ids(cgroup: &Path) -> Vec<u32> {
+    let output = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output();
+    let output = output.expect("run bpftool");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Returns whether the kernel still has a BPF program with this id.
+pub fn program_exists(id: u32) -> bool {
+    let status = Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run bpftool");
+    status.success()
+}
+
+/// Returns whether the kernel still has a BPF map with this id.
+pub fn map_exists(id: u32) -> bool {
+    let status = Command::new("bpftool")
+        .args(["map", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run bpftool");
+    status.success()
+}
+
+/// Returns the ids of the maps that program `id` uses (`map_ids` of `bpftool prog show`).
+pub fn program_map_ids(id: u32) -> Vec<u32> {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "--json"])
+        .output()
+        .expect("run bpftool");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(start) = text.find("\"map_ids\":[") else {
+        return Vec::new();
+    };
+    let list = &text[start + "\"map_ids\":[".len()..];
+    let list = &list[..list.find(']').unwrap_or(0)];
+    list.split(',').filter_map(|id| id.trim().parse().ok()).collect()
+}
+
+/// A connect client in Python: `python3 -c CLIENT HOST PORT COUNT THREADS MODE STOP GO`.
+///
+/// It makes up to COUNT connects to HOST:PORT from THREADS threads and prints one
+/// `KEY COUNT` line per outcome, then `connects N`. MODE `tally` reads the server's first line
+/// (`served-by PORT`) as the key; MODE `burst` closes at once with a reset (no TIME_WAIT, so
+/// ports do not run out) and keys on `connected`. It stops early once the file STOP exists,
+/// and makes no second connect before the file GO exists or 20 seconds passed ("-" for
+/// neither).
+pub const CLIENT: &str = r#"
+import collections, errno, os, socket, struct, sys, threading, time
+host, port, count, threads, mode, stop, go = sys.argv[1:8]
+port, count, threads = int(port), int(count), int(threads)
+lock = threading.Lock()
+tally = collections.Counter()
+made = [0]
+linger = struct.pack("ii", 1, 0)
+
+def take():
+    with lock:
+        if made[0] >= count or (stop != "-" and made[0] % 50 == 0 and os.path.exists(stop)):
+            return False
+        made[0] += 1
+        return True
+
+def one():
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+        if mode == "tally":
+            s.settimeout(5)
+            return s.makefile().readline().strip() or "no reply"
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        return "connected"
+    except OSError as err:
+        return "error " + errno.errorcode.get(err.errno, str(err.errno))
+    finally:
+        s.close()
+
+def worker(index):
+    local = collections.Counter()
+    first = True
+    while take():
+        if not first:
+            deadline = time.time() + 20
+            while go != "-" and not os.path.exists(go) and time.time() < deadline:
+                time.sleep(0.005)
+        local[one()] += 1
+        first = False
+    with lock:
+        tally.update(local)
+
+workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+for key, n in sorted(tally.items()): print(key, n)
+print("connects", made[0], flush=True)
+"#;
+
+/// Parses the outcome counts a [`CLIENT`] printed, by key (`served-by 3000`, `error ECONNREFUSED`).
+pub fn client_tally(stdout: &str) -> std::collections::BTreeMap<String, u64> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (key, count) = line.rsplit_once(' ')?;
+            Some((key.to_owned(), count.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Returns the argv that runs [`CLIENT`] inside `netns`.
+pub fn client_argv(
+    netns: &Netns,
+    target: &str,
+    count: u64,
+    threads: u32,
+    mode: &str,
+) -> Vec<String> {
+    client_argv_with(netns, target, count, threads, mode, "-", "-")
+}
+
+/// [`client_argv`] with STOP and GO files.
+pub fn client_argv_with(
+    netns: &Netns,
+    target: &str,
+    count: u64,
+    threads: u32,
+    mode: &str,
+    stop: &str,
+    go: &str,
+) -> Vec<String> {
+    let (host, port) = target.rsplit_once(':').expect("HOST:PORT");
+    let (count, threads) = (count.to_string(), threads.to_string());
+    netns.command_line(&["python3", "-c", CLIENT, host, port, &count, &threads, mode, stop, go])
+}
+
+/// A file whose existence signals a client process (the STOP and GO files of [`CLIENT`]);
+/// removed on drop.
+pub struct FlagFile {
+    path: PathBuf,
+}
+
+impl FlagFile {
+    /// Picks a unique path in the temporary directory; the file does not exist yet.
+    pub fn new(prefix: &str) -> Self {
+        Self { path: std::env::temp_dir().join(unique_name(prefix)) }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("temporary paths are UTF-8")
+    }
+
+    /// Creates the file.
+    pub fn raise(&self) {
+        fs::write(&self.path, "").unwrap_or_else(|err| panic!("create {}: {err}", self.arg()));
+    }
+}
+
+impl Drop for FlagFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Returns the cgroup id that the BPF link of each program in `programs` is attached to, from
+/// `bpftool link show` (lines `ID: cgroup  prog P` then `cgroup_id C  attach_type ...`).
+pub fn link_cgroup_ids(programs: &[u32]) -> Vec<u64> {
+    let output = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut ids = Vec::new();
+    let mut current_prog = None;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(at) = words.iter().position(|word| *word == "prog") {
+            current_prog = words.get(at + 1).and_then(|id| id.parse::<u32>().ok());
+        }
+        if let Some(at) = words.iter().position(|word| *word == "cgroup_id") {
+            let cgroup = words.get(at + 1).and_then(|id| id.parse::<u64>().ok());
+            if let (Some(prog), Some(cgroup)) = (current_prog, cgroup) {
+                if programs.contains(&prog) {
+                    ids.push(cgroup);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// A file with given contents in the temporary directory, removed on drop.
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    pub fn with_bytes(prefix: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        fs::write(&path, bytes).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
