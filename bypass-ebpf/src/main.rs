@@ -196,18 +196,18 @@ fn current_task() -> (u32, [u8; 16]) {
     (pid, comm)
 }
 
-/// Returns the command name up to its NUL, with every non-ASCII byte replaced by `?`.
+/// Returns the command name as a fixed 16-byte string, NUL padded, with every non-ASCII byte
+/// replaced by `?`. The fixed length matters: a string of variable length makes the verifier
+/// walk the aya-log copy once per possible length, which took about 150 ms per load.
 #[inline(always)]
 fn comm_str(comm: &mut [u8; 16]) -> &str {
-    let mut len = 0;
-    while len < comm.len() && comm[len] != 0 {
-        if !comm[len].is_ascii() {
-            comm[len] = b'?';
+    for byte in comm.iter_mut() {
+        if !byte.is_ascii() {
+            *byte = b'?';
         }
-        len += 1;
     }
-    // SAFETY: the loop above left only ASCII bytes before `len`.
-    unsafe { core::str::from_utf8_unchecked(&comm[..len]) }
+    // SAFETY: the loop above left only ASCII bytes.
+    unsafe { core::str::from_utf8_unchecked(&comm[..]) }
 }
 
 #[inline(always)]

@@ -41,7 +41,7 @@ impl HitLog {
         let stats = ebpf
             .take_map(LOG_STATS_MAP)
             .and_then(|map| PerCpuArray::<MapData, u64>::try_from(map).ok());
-        let logger = match EbpfLogger::init(ebpf) {
+        let logger = match EbpfLogger::init_with_logger(ebpf, TrimPadding) {
             Ok(logger) => logger,
             Err(err) => {
                 log::warn!("the hit log is off: {err}");
@@ -61,7 +61,7 @@ impl HitLog {
 }
 
 async fn drain(
-    mut logger: EbpfLogger<&'static dyn log::Log>,
+    mut logger: EbpfLogger<TrimPadding>,
     stats: Option<PerCpuArray<MapData, u64>>,
     mut stopped: oneshot::Receiver<()>,
 ) -> LogTotals {
@@ -87,6 +87,34 @@ async fn drain(
         if stopping {
             return totals;
         }
+    }
+}
+
+/// Passes hit log records on to the global logger without the NUL padding of the command
+/// name, which the programs log as a fixed 16-byte string, always as the last field.
+struct TrimPadding;
+
+impl log::Log for TrimPadding {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let text = record.args().to_string();
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{}", text.trim_end_matches('\0')))
+                .level(record.level())
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
     fs,
     os::unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Stdio, Command, Output},
     time::Duration,
 };
 
@@ -121,9 +121,14 @@ fn private_cgroupns_run_is_rejected() {
     }
     let home = TestCgroup::new();
     let before = subdirectories(&cgroup2_mount());
-    let output: Output = in_private_cgroupns(&home, &[BYPASS, "-q", "run", "--", "true"])
-        .output()
+    let child = in_private_cgroupns(&home, &[BYPASS, "-q", "run", "--", "true"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run unshare");
+    // unshare execs bypass in the same process, and bypass names its cgroups bypass-PID-...
+    let own_prefix = format!("bypass-{}-", child.id());
+    let output: Output = child.wait_with_output().expect("wait for unshare");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");
     assert!(
@@ -139,7 +144,9 @@ fn private_cgroupns_run_is_rejected() {
     let made: Vec<PathBuf> = subdirectories(&cgroup2_mount())
         .into_iter()
         .filter(|path| !before.contains(path))
-        .filter(|path| path.file_name().is_some_and(|name| name.as_bytes().starts_with(b"bypass-")))
+        .filter(|path| {
+            path.file_name().is_some_and(|name| name.as_bytes().starts_with(own_prefix.as_bytes()))
+        })
         .collect();
     assert!(made.is_empty(), "run made {made:?}");
 }
