@@ -1,4 +1,7 @@
-//! `bypass attach`: the redirect on an existing cgroup until SIGINT or SIGTERM.
+//! `bypass attach`: the redirect on an existing cgroup until SIGINT or SIGTERM, or pinned
+//! with `--pin NAME` until `bypass detach NAME`.
+
+use std::path::Path;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -8,33 +11,64 @@ use crate::{
     cli::AttachArgs,
     exit::UsageError,
     hitlog::{self, HitLog},
-    setup,
+    live,
+    loader::Redirector,
+    pin, record,
+    rule::RuleSet,
+    rulemap::RuleMaps,
+    setup, target,
 };
 
-/// Attaches, logs hits until SIGINT or SIGTERM, then detaches.
-pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
+/// Attaches, then either pins and returns, or logs hits until SIGINT or SIGTERM and detaches.
+pub async fn attach(mut args: AttachArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.pin {
+        pin::validate_name(name).map_err(|err| UsageError(err.into()))?;
+        // Nobody reads the hit log of a pinned attachment; the counters still count.
+        args.rules.log_rate = 0;
+    }
     let rules = setup::rules_from_args(&args.rules)?;
     let mount = cgroup::find_mount()?;
-    let target = cgroup::check_dir(&args.cgroup, &mount, args.all_processes)
+    let target = target::resolve(args.cgroup.as_deref(), args.pid, &mount, args.all_processes)
         .map_err(|err| UsageError(err.into()))?;
     if args.all_processes {
         log::warn!("attaching to the root cgroup: every process on the host is redirected");
     }
+    if let Some(pid) = args.pid {
+        log::info!("process {pid} is in cgroup {}", target.display());
+    }
 
+    if let Some(name) = &args.pin {
+        let mut redirector = setup::load(&args.rules, &rules)?;
+        redirector.attach(&target)?;
+        let dir = pin::pin(&mut redirector, name, &target)?;
+        log::info!(
+            "pinned as `{name}` in {}; it stays until `bypass detach {name}`",
+            dir.display()
+        );
+        return Ok(());
+    }
+    foreground(args, rules, &target).await
+}
+
+async fn foreground(args: AttachArgs, rules: RuleSet, target: &Path) -> anyhow::Result<()> {
     // Install the handlers first, so a signal that arrives during start-up detaches cleanly.
-    let mut interrupt =
-        signal(SignalKind::interrupt()).context("cannot install a signal handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("cannot install a signal handler")?;
+    let handler = |kind| signal(kind).context("cannot install a signal handler");
+    let mut interrupt = handler(SignalKind::interrupt())?;
+    let mut terminate = handler(SignalKind::terminate())?;
+    let mut hangup = handler(SignalKind::hangup())?;
 
     let mut redirector = setup::load(&args.rules, &rules)?;
-    redirector.attach(&target)?;
+    redirector.attach(target)?;
+    let _record = record::Running::write(target, &redirector);
     let hit_log = HitLog::start(&mut redirector);
     log::info!("redirecting; stop with SIGINT (Ctrl-C) or SIGTERM");
 
-    let received = tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
+    let received = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = hangup.recv() => reload(&args, &redirector),
+        }
     };
     log::info!("{received} received; detaching");
 
@@ -46,4 +80,28 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<()> {
     drop(redirector);
     log::info!("detached from {}", target.display());
     Ok(())
+}
+
+/// SIGHUP: re-reads `--rule` and `--config` and applies the difference in place. A bad
+/// config leaves the running rules as they are.
+fn reload(args: &AttachArgs, redirector: &Redirector) {
+    if args.rules.config.is_none() {
+        log::warn!("SIGHUP ignored: there is no --config file to re-read");
+        return;
+    }
+    let result = setup::rules_from_args(&args.rules)
+        .map_err(|err| err.0)
+        .and_then(|wanted| {
+            let mut maps = RuleMaps::from_ebpf(redirector.ebpf())?;
+            live::apply(&mut maps, &wanted)
+        });
+    match result {
+        Ok(diff) => log::info!(
+            "reloaded rules: {} added, {} changed, {} removed",
+            diff.added,
+            diff.changed,
+            diff.removed
+        ),
+        Err(err) => log::error!("SIGHUP: rules not changed: {err:#}"),
+    }
 }

@@ -413,3 +413,68 @@ pub fn read_all(mut reader: impl Read) -> String {
     let _ = reader.read_to_string(&mut text);
     text
 }
+
+/// A pinned attachment made by a test: `bypass detach NAME` on drop, whatever happened.
+pub struct PinGuard {
+    name: String,
+}
+
+impl PinGuard {
+    /// Runs `bypass attach --pin NAME ARGS` and panics with its output unless it exits 0.
+    pub fn attach(args: &[&str]) -> Self {
+        let guard = Self {
+            name: unique_name("t"),
+        };
+        let mut full = vec!["attach", "--pin", &guard.name];
+        full.extend_from_slice(args);
+        let output = bypass(&full);
+        assert!(
+            output.status.success(),
+            "bypass attach --pin failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        guard
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/bypass").join(&self.name)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if self.dir().exists() {
+            let _ = bypass(&["detach", &self.name]);
+        }
+    }
+}
+
+/// Connects to `addr` from inside `cgroup` and `netns` with curl and returns what the server
+/// sent, trimmed; empty when the connection failed.
+pub fn fetch_in(cgroup: &TestCgroup, netns: &Netns, addr: &str) -> String {
+    let url = format!("telnet://{addr}");
+    let output = cgroup.run(&netns.command_line(&["curl", "-sS", "--max-time", "5", &url]));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Runs `bypass status --json [NAME]` and returns the parsed output.
+pub fn status_json(name: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["status", "--json"];
+    args.extend(name);
+    let output = bypass(&args);
+    assert!(
+        output.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "status --json is not JSON ({err}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
