@@ -31,7 +31,7 @@ const VERIFIER_LINES_SHOWN: usize = 6;
 
 /// The programs in the object: name (= attach point), whether bypass can work without it,
 /// and what goes unredirected when the kernel lacks it.
-const PROGRAMS: &[(&str, bool, &str)] = &[
+pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
     ("connect4", true, "IPv4 connect()"),
     ("connect6", false, "IPv6 and IPv4-mapped connect()"),
 ];
@@ -277,6 +277,11 @@ impl Redirector {
             taken.push((name, link));
         }
         Ok(taken)
+    }
+
+    /// Returns the names of the programs the kernel accepted.
+    pub fn loaded(&self) -> &[&'static str] {
+        &self.loaded
     }
 
     /// The loaded object, for callers that read its maps.
