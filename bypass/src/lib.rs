@@ -12,6 +12,7 @@ pub mod exit;
 pub mod hitlog;
 pub mod live;
 pub mod loader;
+pub mod names;
 pub mod pin;
 pub mod record;
 pub mod rule;
