@@ -16,7 +16,7 @@ use crate::{
     pin, record,
     rule::RuleSet,
     rulemap::RuleMaps,
-    setup, target,
+    setup, target, verify,
 };
 
 /// Attaches, then either pins and returns, or logs hits until SIGINT or SIGTERM and detaches.
@@ -40,6 +40,9 @@ pub async fn attach(mut args: AttachArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.pin {
         let mut redirector = setup::load(&args.rules, &rules)?;
         redirector.attach(&target)?;
+        if !args.no_verify {
+            verify::verify(&redirector, &target)?;
+        }
         let dir = pin::pin(&mut redirector, name, &target)?;
         log::info!(
             "pinned as `{name}` in {}; it stays until `bypass detach {name}`",
@@ -59,6 +62,9 @@ async fn foreground(args: AttachArgs, rules: RuleSet, target: &Path) -> anyhow::
 
     let mut redirector = setup::load(&args.rules, &rules)?;
     redirector.attach(target)?;
+    if !args.no_verify {
+        verify::verify(&redirector, target)?;
+    }
     let _record = record::Running::write(target, &redirector);
     let hit_log = HitLog::start(&mut redirector);
     log::info!("redirecting; stop with SIGINT (Ctrl-C) or SIGTERM");

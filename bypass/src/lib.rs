@@ -22,3 +22,4 @@ mod setup;
 pub mod status;
 pub mod target;
 pub mod user;
+pub mod verify;

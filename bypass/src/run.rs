@@ -24,6 +24,7 @@ use crate::{
     hitlog::{self, HitLog},
     record, setup,
     user::RunAs,
+    verify,
 };
 
 /// Why the command did not start.
@@ -66,6 +67,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
     redirector.attach(cgroup.path())?;
+    if !args.no_verify {
+        verify::verify(&redirector, cgroup.path())?;
+    }
     let hit_log = HitLog::start(&mut redirector);
 
     let _record = record::Running::write(cgroup.path(), &redirector);
