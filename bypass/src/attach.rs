@@ -69,11 +69,12 @@ async fn foreground(args: AttachArgs, rules: RuleSet, target: &Path) -> anyhow::
     let hit_log = HitLog::start(&mut redirector);
     log::info!("redirecting; stop with SIGINT (Ctrl-C) or SIGTERM");
 
+    let mut reloaded = false;
     let received = loop {
         tokio::select! {
             _ = interrupt.recv() => break "SIGINT",
             _ = terminate.recv() => break "SIGTERM",
-            _ = hangup.recv() => reload(&args, &redirector),
+            _ = hangup.recv() => reloaded |= reload(&args, &redirector),
         }
     };
     log::info!("{received} received; detaching");
@@ -82,25 +83,50 @@ async fn foreground(args: AttachArgs, rules: RuleSet, target: &Path) -> anyhow::
         Some(hit_log) => Some(hit_log.stop().await),
         None => None,
     };
-    hitlog::log_summary(&rules, &redirector, totals);
+    if reloaded {
+        log_summary_from_maps(&redirector);
+    } else {
+        hitlog::log_summary(&rules, &redirector, totals);
+    }
     drop(redirector);
     log::info!("detached from {}", target.display());
     Ok(())
 }
 
-/// SIGHUP: re-reads `--rule` and `--config` and applies the difference in place. A bad
-/// config leaves the running rules as they are.
-fn reload(args: &AttachArgs, redirector: &Redirector) {
+/// Logs the hits of each rule as the maps hold them: after a reload, rule ids no longer
+/// follow the order of the start-up rule set.
+fn log_summary_from_maps(redirector: &Redirector) {
+    let result = RuleMaps::from_ebpf(redirector.ebpf()).and_then(|maps| {
+        for (rule, rule_id) in maps.rules()? {
+            log::info!(
+                "{}",
+                hitlog::format_hits(&rule.to_string(), maps.hits(rule_id)?)
+            );
+        }
+        Ok(())
+    });
+    if let Err(err) = result {
+        log::warn!("cannot read hit counters: {err}");
+    }
+}
+
+/// SIGHUP: re-reads `--rule` and `--config` and applies the difference in place; returns
+/// whether the rules changed. A bad config leaves the running rules as they are.
+fn reload(args: &AttachArgs, redirector: &Redirector) -> bool {
     if args.rules.config.is_none() {
         log::warn!("SIGHUP ignored: there is no --config file to re-read");
-        return;
+        return false;
     }
-    let result = setup::rules_from_args(&args.rules)
-        .map_err(|err| err.0)
-        .and_then(|wanted| {
-            let mut maps = RuleMaps::from_ebpf(redirector.ebpf())?;
-            live::apply(&mut maps, &wanted)
-        });
+    let wanted = match setup::rules_from_args(&args.rules) {
+        Ok(wanted) => wanted,
+        Err(err) => {
+            log::error!("SIGHUP: rules not changed: {:#}", err.0);
+            return false;
+        }
+    };
+    let result = RuleMaps::from_ebpf(redirector.ebpf())
+        .map_err(anyhow::Error::from)
+        .and_then(|mut maps| live::apply(&mut maps, &wanted));
     match result {
         Ok(diff) => log::info!(
             "reloaded rules: {} added, {} changed, {} removed",
@@ -108,6 +134,10 @@ fn reload(args: &AttachArgs, redirector: &Redirector) {
             diff.changed,
             diff.removed
         ),
-        Err(err) => log::error!("SIGHUP: rules not changed: {err:#}"),
+        Err(err) => log::error!(
+            "SIGHUP: cannot apply every rule change: {err:#}; `bypass status` shows the rules \
+             in effect"
+        ),
     }
+    true
 }

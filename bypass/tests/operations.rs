@@ -162,8 +162,9 @@ fn sighup_rereads_the_config_in_place() {
     assert_eq!(mine["kind"], "running");
     assert_eq!(mine["rules"].as_array().map(Vec::len), Some(1));
     let (status, stderr) = attached.stop_with(libc::SIGTERM);
-    assert!(status.success(), "{stderr}");
     let _ = fs::remove_file(&config);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("1 hit: tcp/10.0.0.22:81=10.0.0.22:3000"), "{stderr}");
 }
 
 #[test]
