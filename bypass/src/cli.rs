@@ -54,7 +54,12 @@ pub enum Command {
     #[command(after_long_help = RULE_HELP)]
     Run(RunArgs),
 
-    /// Attach the redirect to an existing cgroup until SIGINT or SIGTERM.
+    /// Attach the redirect to an existing cgroup until SIGINT or SIGTERM, or pin it.
+    ///
+    /// The target is --cgroup DIR or the cgroup of --pid PID. With --pin NAME the attachment
+    /// is pinned under /sys/fs/bpf/bypass/NAME and bypass exits at once; it stays until
+    /// `bypass detach NAME`. Without --pin the redirect ends with this process, even on
+    /// SIGKILL. SIGHUP re-reads --config and applies the changes in place.
     ///
     /// Example: bypass attach --cgroup /sys/fs/cgroup/system.slice/runner.service -r 10.0.0.22:80=:3000
     #[command(after_long_help = RULE_HELP)]
@@ -75,6 +80,10 @@ pub enum Command {
 
     /// Check that this host can run bypass; one line per requirement, with the fix.
     Check(CheckArgs),
+
+    /// Write shell completions and man pages into DIR (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +204,12 @@ pub struct CheckArgs {
     /// Read mounts from this file instead of /proc/self/mountinfo (for tests).
     #[arg(long, value_name = "FILE", hide = true)]
     pub mountinfo: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Output directory; `completions/` and `man/` are created in it.
+    pub dir: PathBuf,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod exit;
+pub mod generate;
 pub mod hitlog;
 pub mod live;
 pub mod loader;

@@ -1,7 +1,7 @@
 use std::{ffi::OsString, process::ExitCode};
 
 use bypass::{
-    attach, check,
+    attach, check, generate,
     cli::{Cli, Command, RulesCommand},
     exit::{self, UsageError},
     live, pin,
@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Gc => status_of(pin::gc().map(drop)),
         Command::Rules(RulesCommand::Add { name, rule }) => status_of(live::add(&name, &rule)),
         Command::Rules(RulesCommand::Del { name, rule }) => status_of(live::del(&name, &rule)),
+        Command::Generate(args) => status_of(generate::generate(&args.dir)),
         Command::Check(args) => match check::check(&args) {
             Ok(true) => 0,
             Ok(false) => exit::FAILURE,

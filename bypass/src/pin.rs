@@ -95,7 +95,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c_path` is NUL-terminated and `stat` is a valid, writable `statfs`.
     let ok = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0;
-    ok && i64::from(stat.f_type) == BPF_FS_MAGIC
+    ok && stat.f_type == BPF_FS_MAGIC
 }
 
 /// Mounts the BPF file system at [`BPFFS`] unless it is there already.
