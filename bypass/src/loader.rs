@@ -221,14 +221,9 @@ impl Redirector {
             cgroup: shown.clone(),
             source,
         })?;
-        for &name in &self.loaded {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            let link_id = program
+        for &name in &self.loaded.clone() {
+            let link_id = self
+                .program(name)?
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| LoadError::Attach {
                     name,
@@ -239,6 +234,14 @@ impl Redirector {
             log::info!("attached {name} to {shown}");
         }
         Ok(())
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })
     }
 
     /// Returns the hit count of each rule, in rule id order, summed over CPUs.
@@ -264,13 +267,8 @@ impl Redirector {
     pub fn take_links(&mut self) -> Result<Vec<(&'static str, FdLink)>, LoadError> {
         let mut taken = Vec::new();
         for (name, link_id) in std::mem::take(&mut self.links) {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            let link = program
+            let link = self
+                .program(name)?
                 .take_link(link_id)
                 .map_err(|source| LoadError::Program { name, source })?;
             let link = FdLink::try_from(link).map_err(|_| LoadError::NotALink(name))?;

@@ -5,8 +5,6 @@ mod support;
 
 use std::{
     fs,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -196,24 +194,7 @@ fn pid_attaches_to_the_cgroup_of_that_process() {
         return;
     }
     let cgroup = TestCgroup::new();
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.path().join("cgroup.procs"))
-        .expect("open cgroup.procs");
-    let fd = procs.as_raw_fd();
-    let mut sleeper = Command::new("sleep");
-    sleeper.arg("30").stdin(Stdio::null());
-    // SAFETY: only `write`, which is async-signal-safe, runs between fork and exec.
-    unsafe {
-        sleeper.pre_exec(move || {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let mut sleeper = sleeper.spawn().expect("start sleep");
+    let mut sleeper = cgroup.spawn(&["sleep", "30"]);
     let pid = sleeper.id().to_string();
 
     let pinned = PinGuard::attach(&["--no-verify", "--pid", &pid]);

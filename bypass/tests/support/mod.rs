@@ -155,13 +155,28 @@ impl TestCgroup {
 
     /// Runs `argv` to completion as a member of this cgroup from its first instruction.
     pub fn run(&self, argv: &[String]) -> Output {
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        let _procs = self.join_on_exec(&mut command);
+        command.output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
+    }
+
+    /// Starts `argv` in the background as a member of this cgroup.
+    pub fn spawn(&self, argv: &[&str]) -> Child {
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]).stdin(Stdio::null());
+        let _procs = self.join_on_exec(&mut command);
+        command.spawn().unwrap_or_else(|err| panic!("spawn {argv:?}: {err}"))
+    }
+
+    /// Makes `command` join this cgroup before `exec`; the returned file must stay open
+    /// until the command is started.
+    fn join_on_exec(&self, command: &mut Command) -> fs::File {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
         let fd = procs.as_raw_fd();
-        let mut command = Command::new(&argv[0]);
-        command.args(&argv[1..]);
         // SAFETY: only `write`, which is async-signal-safe, runs between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -172,7 +187,7 @@ impl TestCgroup {
                 }
             });
         }
-        command.output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
+        procs
     }
 }
 
