@@ -5,6 +5,7 @@ mod support;
 
 use std::{
     fs,
+    os::unix::fs::PermissionsExt as _,
     time::Duration,
 };
 
@@ -33,6 +34,8 @@ fn pin_survives_the_loader_and_detach_removes_it() {
         2,
         "connect4 and connect6 attached"
     );
+    let mode = fs::metadata(pinned.dir()).expect("pin directory").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "pin directory mode {mode:o}");
 
     let status = status_json(Some(pinned.name()));
     let attachment = &status[0];
