@@ -5,6 +5,10 @@
 //! first, removed ones go last, and the maps are never cleared, so every connect() sees
 //! either the old or the new rule of its destination.
 
+use std::{fs, io, os::fd::AsRawFd as _};
+
+use anyhow::Context as _;
+
 use crate::{
     exit::UsageError,
     pin,
@@ -35,19 +39,38 @@ fn parse_rule(text: &str, allow_source_only: bool) -> Result<Rule, UsageError> {
     })
 }
 
-fn open_pinned(name: &str) -> anyhow::Result<RuleMaps> {
+/// The maps of a pinned attachment, with an exclusive lock on its pin directory, so that two
+/// `bypass rules` commands at once cannot pick the same free rule id.
+struct Locked {
+    maps: RuleMaps,
+    _lock: fs::File,
+}
+
+fn open_pinned(name: &str) -> anyhow::Result<Locked> {
     pin::validate_name(name).map_err(|err| UsageError(err.into()))?;
-    if !pin::dir(name).exists() {
-        return Err(UsageError(pin::PinError::NotFound(name.to_owned()).into()).into());
+    let dir = pin::dir(name);
+    let lock = match fs::File::open(&dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(UsageError(pin::PinError::NotFound(name.to_owned()).into()).into());
+        }
+        result => result.with_context(|| format!("cannot open {}", dir.display()))?,
+    };
+    // SAFETY: `flock` on a descriptor this function owns; the lock ends when it is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(anyhow::Error::new(err).context(format!("cannot lock {}", dir.display())));
     }
-    Ok(RuleMaps::from_pins(&pin::dir(name))?)
+    Ok(Locked {
+        maps: RuleMaps::from_pins(&dir)?,
+        _lock: lock,
+    })
 }
 
 /// `bypass rules add NAME RULE`.
 pub fn add(name: &str, text: &str) -> anyhow::Result<()> {
     let rule = parse_rule(text, false)?;
-    let mut maps = open_pinned(name)?;
-    let rule_id = maps.add(&rule)?;
+    let mut locked = open_pinned(name)?;
+    let rule_id = locked.maps.add(&rule)?;
     log::info!("added rule {rule_id}: {rule} to `{name}`");
     Ok(())
 }
@@ -55,7 +78,7 @@ pub fn add(name: &str, text: &str) -> anyhow::Result<()> {
 /// `bypass rules del NAME RULE`.
 pub fn del(name: &str, text: &str) -> anyhow::Result<()> {
     let rule = parse_rule(text, true)?;
-    let mut maps = open_pinned(name)?;
+    let Locked { mut maps, _lock } = open_pinned(name)?;
     if text.contains('=') {
         let current = maps.rules()?;
         if let Some((existing, _)) = current

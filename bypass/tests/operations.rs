@@ -269,3 +269,33 @@ fn run_user_drops_to_that_user() {
         String::from_utf8_lossy(&unknown.stderr).contains("unknown user `bypass-no-such-user`")
     );
 }
+
+#[test]
+fn concurrent_rules_add_get_distinct_ids() {
+    if !require_root("concurrent_rules_add_get_distinct_ids") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let pinned = PinGuard::attach(&["--no-verify", "--cgroup", cgroup.path().to_str().unwrap()]);
+    let name = pinned.name().to_owned();
+    let adders: Vec<_> = (0..16)
+        .map(|i| {
+            let (name, rule) = (name.clone(), format!("10.0.0.22:{}=:3000", 1000 + i));
+            std::thread::spawn(move || bypass(&["rules", "add", &name, &rule]))
+        })
+        .collect();
+    for adder in adders {
+        let output = adder.join().expect("adder thread");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    let status = status_json(Some(&name));
+    let mut ids: Vec<u64> = status[0]["rules"]
+        .as_array()
+        .expect("rules array")
+        .iter()
+        .map(|rule| rule["id"].as_u64().expect("numeric id"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..17).collect::<Vec<u64>>(), "rule ids must be distinct and dense");
+}
