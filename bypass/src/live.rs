@@ -47,6 +47,7 @@ struct Locked {
 }
 
 fn open_pinned(name: &str) -> anyhow::Result<Locked> {
+    pin::require_privileges("rules")?;
     pin::validate_name(name).map_err(|err| UsageError(err.into()))?;
     let dir = pin::dir(name);
     let lock = match fs::File::open(&dir) {

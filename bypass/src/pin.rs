@@ -40,6 +40,11 @@ pub enum PinError {
         "cannot mount the BPF file system at {BPFFS}; mount it with `mount -t bpf bpf {BPFFS}`"
     )]
     Mount(#[source] io::Error),
+    #[error(
+        "`bypass {0}` needs root (CAP_BPF and CAP_NET_ADMIN) to reach pinned attachments and \
+         their maps; run it with sudo"
+    )]
+    NotPermitted(&'static str),
     #[error("cannot pin {what} at {path}")]
     Pin {
         what: String,
@@ -74,6 +79,11 @@ pub fn validate_name(name: &str) -> Result<(), PinError> {
         return Err(PinError::InvalidName(name.to_owned()));
     }
     Ok(())
+}
+
+/// Fails with a clear message when this process lacks the privileges that `command` needs.
+pub fn require_privileges(command: &'static str) -> Result<(), PinError> {
+    crate::loader::check_privileges().map_err(|_| PinError::NotPermitted(command))
 }
 
 /// The directory that holds every bypass pin.
@@ -247,6 +257,7 @@ pub fn names() -> io::Result<Vec<String>> {
 
 /// `bypass detach NAME`.
 pub fn detach(name: &str) -> anyhow::Result<()> {
+    require_privileges("detach")?;
     let record = Record::read(&record::pinned_path(name)).ok();
     remove(name)?;
     match record {
@@ -258,6 +269,7 @@ pub fn detach(name: &str) -> anyhow::Result<()> {
 
 /// `bypass gc`: detaches every pinned attachment whose cgroup is gone; returns how many.
 pub fn gc() -> anyhow::Result<usize> {
+    require_privileges("gc")?;
     let mut removed = 0;
     for name in names()? {
         let record = Record::read(&record::pinned_path(&name));

@@ -151,6 +151,7 @@ pub fn render_text(attachments: &[Attachment]) -> String {
 
 /// `bypass status [NAME] [--json]`.
 pub fn status(name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    pin::require_privileges("status")?;
     if !pin::is_bpffs(Path::new(pin::BPFFS)) {
         log::debug!("no BPF file system at {}, so nothing is pinned", pin::BPFFS);
     }

@@ -101,3 +101,26 @@ fn check_fails_without_root() {
         .expect("line");
     assert!(cgroup.starts_with("OK"), "{cgroup}");
 }
+
+#[test]
+fn pin_commands_need_root() {
+    if !require_root("pin_commands_need_root") {
+        return;
+    }
+    for (args, command) in [
+        (&["status"][..], "status"),
+        (&["detach", "x"][..], "detach"),
+        (&["gc"][..], "gc"),
+        (&["rules", "add", "x", "10.0.0.22:80=:3000"][..], "rules"),
+    ] {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BYPASS])
+            .args(args)
+            .output()
+            .expect("run setpriv");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        let expected = format!("`bypass {command}` needs root");
+        assert!(stderr.contains(&expected), "{args:?}: {stderr}");
+    }
+}
