@@ -62,9 +62,13 @@ pub enum CgroupError {
 
 /// Returns the mount point of the first cgroup v2 file system in `/proc/self/mountinfo`.
 pub fn find_mount() -> Result<PathBuf, CgroupError> {
-    let path = "/proc/self/mountinfo";
+    find_mount_in(Path::new("/proc/self/mountinfo"))
+}
+
+/// Returns the mount point of the first cgroup v2 file system in the mountinfo file `path`.
+pub fn find_mount_in(path: &Path) -> Result<PathBuf, CgroupError> {
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
-        path: path.into(),
+        path: path.display().to_string(),
         source,
     })?;
     parse_mountinfo(&text).ok_or(CgroupError::NoMount)
@@ -173,7 +177,7 @@ pub fn is_gone(path: &Path, id: u64) -> bool {
 }
 
 /// Returns the cgroup v2 path (the `0::` line) of a `/proc/PID/cgroup` text.
-fn parse_proc_cgroup(text: &str) -> Option<&str> {
+pub(crate) fn parse_proc_cgroup(text: &str) -> Option<&str> {
     text.lines().find_map(|line| line.strip_prefix("0::"))
 }
 

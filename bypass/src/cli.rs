@@ -54,11 +54,36 @@ pub enum Command {
     #[command(after_long_help = RULE_HELP)]
     Run(RunArgs),
 
-    /// Attach the redirect to an existing cgroup until SIGINT or SIGTERM.
+    /// Attach the redirect to an existing cgroup until SIGINT or SIGTERM, or pin it.
+    ///
+    /// The target is --cgroup DIR or the cgroup of --pid PID. With --pin NAME the attachment
+    /// is pinned under /sys/fs/bpf/bypass/NAME and bypass exits at once; it stays until
+    /// `bypass detach NAME`. Without --pin the redirect ends with this process, even on
+    /// SIGKILL. SIGHUP re-reads --config and applies the changes in place.
     ///
     /// Example: bypass attach --cgroup /sys/fs/cgroup/system.slice/runner.service -r 10.0.0.22:80=:3000
     #[command(after_long_help = RULE_HELP)]
     Attach(AttachArgs),
+
+    /// Remove a pinned attachment made by `attach --pin NAME`.
+    Detach(DetachArgs),
+
+    /// Show every attachment, pinned and running: cgroup, rules, hits per rule.
+    Status(StatusArgs),
+
+    /// Remove pinned attachments whose cgroup no longer exists.
+    Gc,
+
+    /// Add or delete rules of a pinned attachment while it redirects.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+
+    /// Check that this host can run bypass; one line per requirement, with the fix.
+    Check(CheckArgs),
+
+    /// Write shell completions and man pages into DIR (used by `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +117,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub parent_cgroup: Option<PathBuf>,
 
+    /// Run the command as this user (name or uid), with the user's groups, instead of as
+    /// the user running bypass.
+    #[arg(long, value_name = "NAME|UID")]
+    pub user: Option<String>,
+
+    /// Skip the check that the redirect took effect on the cgroup.
+    #[arg(long)]
+    pub no_verify: bool,
+
     /// The command to run, and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -103,13 +137,79 @@ pub struct AttachArgs {
     pub rules: RuleArgs,
 
     /// The cgroup v2 directory to attach to, e.g. /sys/fs/cgroup/system.slice/runner.service.
-    #[arg(long, value_name = "DIR")]
-    pub cgroup: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "pid",
+        conflicts_with = "pid"
+    )]
+    pub cgroup: Option<PathBuf>,
 
-    /// Allow --cgroup to be the root of the cgroup v2 hierarchy, which redirects connections
-    /// of every process on the host.
+    /// Attach to the cgroup v2 of this running process (read from /proc/PID/cgroup).
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+
+    /// Allow the target to be the root of the cgroup v2 hierarchy, which redirects
+    /// connections of every process on the host.
     #[arg(long)]
     pub all_processes: bool,
+
+    /// Pin the attachment under /sys/fs/bpf/bypass/NAME and exit at once; it stays until
+    /// `bypass detach NAME`. Pinned attachments have no hit log, only counters.
+    #[arg(long, value_name = "NAME")]
+    pub pin: Option<String>,
+
+    /// Skip the check that the redirect took effect on the cgroup (use where no process may
+    /// join the cgroup).
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The name given to `attach --pin`.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Show only the pinned attachment of this name.
+    pub name: Option<String>,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Add RULE to the pinned attachment NAME; the next connect() uses it.
+    Add {
+        /// The name given to `attach --pin`.
+        name: String,
+        /// [tcp/|udp/]FROM=TO, as for --rule.
+        rule: String,
+    },
+    /// Delete RULE (or any rule with RULE's protocol and FROM) from the pinned attachment.
+    Del {
+        /// The name given to `attach --pin`.
+        name: String,
+        /// [tcp/|udp/]FROM=TO or [tcp/|udp/]FROM.
+        rule: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read mounts from this file instead of /proc/self/mountinfo (for tests).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub mountinfo: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Output directory; `completions/` and `man/` are created in it.
+    pub dir: PathBuf,
 }
 
 #[cfg(test)]

@@ -5,11 +5,22 @@
 
 pub mod attach;
 pub mod cgroup;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod exit;
+pub mod generate;
 pub mod hitlog;
+pub mod live;
 pub mod loader;
+pub mod names;
+pub mod pin;
+pub mod record;
 pub mod rule;
+pub mod rulemap;
 pub mod run;
 mod setup;
+pub mod status;
+pub mod target;
+pub mod user;
+pub mod verify;

@@ -9,13 +9,19 @@ use std::{fs::File, net::IpAddr, path::Path};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::FdLink,
+    },
 };
 use bypass_common::{
     HITS_MAP, LOG_RATE_GLOBAL, RULES4_MAP, RULES6_MAP, RuleKey4, RuleKey6, RuleTarget4, RuleTarget6,
 };
 
-use crate::rule::{Rule, RuleSet};
+use crate::{
+    rule::{Rule, RuleSet},
+    rulemap,
+};
 
 /// The eBPF object built from `bypass-ebpf` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bypass.bpf.o"));
@@ -25,7 +31,7 @@ const VERIFIER_LINES_SHOWN: usize = 6;
 
 /// The programs in the object: name (= attach point), whether bypass can work without it,
 /// and what goes unredirected when the kernel lacks it.
-const PROGRAMS: &[(&str, bool, &str)] = &[
+pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
     ("connect4", true, "IPv4 connect()"),
     ("connect6", false, "IPv6 and IPv4-mapped connect()"),
 ];
@@ -58,6 +64,10 @@ pub enum LoadError {
         cgroup: String,
         source: ProgramError,
     },
+    #[error(
+        "{0} was attached without a BPF link, which cannot be pinned; pinning needs Linux 5.7 or later"
+    )]
+    NotALink(&'static str),
     #[error("cannot open cgroup {cgroup}")]
     OpenCgroup {
         cgroup: String,
@@ -89,6 +99,7 @@ pub struct Redirector {
     ebpf: Ebpf,
     loaded: Vec<&'static str>,
     rule_count: u32,
+    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
 
 /// Checks the effective capabilities before touching the kernel, so a missing one gives a
@@ -125,10 +136,12 @@ impl Redirector {
         }
         // Level 0 makes every aya-log statement dead code that the verifier never walks.
         let log_level: u8 = if options.log_rate == 0 { 0 } else { 0xff };
+        // One slot more than --max-rules, for the temporary rule of the check after attaching.
+        let capacity = options.max_rules.saturating_add(1);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(RULES4_MAP, options.max_rules)
-            .map_max_entries(RULES6_MAP, options.max_rules)
-            .map_max_entries(HITS_MAP, options.max_rules)
+            .map_max_entries(RULES4_MAP, capacity)
+            .map_max_entries(RULES6_MAP, capacity)
+            .map_max_entries(HITS_MAP, capacity)
             .override_global(LOG_RATE_GLOBAL, &options.log_rate, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(EBPF_OBJECT)
@@ -156,6 +169,7 @@ impl Redirector {
             ebpf,
             loaded,
             rule_count: 0,
+            links: Vec::new(),
         };
         for (rule, _) in rules.iter() {
             redirector.insert(rule)?;
@@ -169,40 +183,15 @@ impl Redirector {
             rule: *rule,
             source,
         };
-        let (from_port, to_port) = (rule.from.port().to_be(), rule.to.port().to_be());
-        let protocol = rule.protocol.number();
-
         match (rule.from.ip(), rule.to.ip()) {
             (IpAddr::V4(from), IpAddr::V4(to)) => {
                 let mut map: HashMap<_, RuleKey4, RuleTarget4> = self.map_mut(RULES4_MAP)?;
-                let key = RuleKey4 {
-                    addr: u32::from_ne_bytes(from.octets()),
-                    port: from_port,
-                    protocol,
-                    _pad: 0,
-                };
-                let target = RuleTarget4 {
-                    addr: u32::from_ne_bytes(to.octets()),
-                    port: to_port,
-                    _pad: 0,
-                    rule_id,
-                };
+                let (key, target) = rulemap::encode4(rule, from, to, rule_id);
                 map.insert(key, target, 0).map_err(insert_error)?;
             }
             (IpAddr::V6(from), IpAddr::V6(to)) => {
                 let mut map: HashMap<_, RuleKey6, RuleTarget6> = self.map_mut(RULES6_MAP)?;
-                let key = RuleKey6 {
-                    addr: ipv6_words(from.octets()),
-                    port: from_port,
-                    protocol,
-                    _pad: 0,
-                };
-                let target = RuleTarget6 {
-                    addr: ipv6_words(to.octets()),
-                    port: to_port,
-                    _pad: 0,
-                    rule_id,
-                };
+                let (key, target) = rulemap::encode6(rule, from, to, rule_id);
                 map.insert(key, target, 0).map_err(insert_error)?;
             }
             _ => unreachable!("Rule::new rejects rules that change the address family"),
@@ -234,23 +223,27 @@ impl Redirector {
             cgroup: shown.clone(),
             source,
         })?;
-        for &name in &self.loaded {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            program
+        for &name in &self.loaded.clone() {
+            let link_id = self
+                .program(name)?
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| LoadError::Attach {
                     name,
                     cgroup: shown.clone(),
                     source,
                 })?;
+            self.links.push((name, link_id));
             log::info!("attached {name} to {shown}");
         }
         Ok(())
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })
     }
 
     /// Returns the hit count of each rule, in rule id order, summed over CPUs.
@@ -271,16 +264,35 @@ impl Redirector {
             .collect()
     }
 
+    /// Takes the links made by [`Self::attach`] out of the programs, so that they can be
+    /// pinned; a link that is not pinned or kept detaches when dropped.
+    pub fn take_links(&mut self) -> Result<Vec<(&'static str, FdLink)>, LoadError> {
+        let mut taken = Vec::new();
+        for (name, link_id) in std::mem::take(&mut self.links) {
+            let link = self
+                .program(name)?
+                .take_link(link_id)
+                .map_err(|source| LoadError::Program { name, source })?;
+            let link = FdLink::try_from(link).map_err(|_| LoadError::NotALink(name))?;
+            taken.push((name, link));
+        }
+        Ok(taken)
+    }
+
+    /// Returns the names of the programs the kernel accepted.
+    pub fn loaded(&self) -> &[&'static str] {
+        &self.loaded
+    }
+
+    /// The loaded object, for callers that read its maps.
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
     /// Hands the eBPF object to callers that take maps out of it (the hit log reader).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
-}
-
-fn ipv6_words(octets: [u8; 16]) -> [u32; 4] {
-    let word =
-        |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
-    [word(0), word(4), word(8), word(12)]
 }
 
 fn object_error(err: EbpfError) -> LoadError {
@@ -349,13 +361,5 @@ mod tests {
             "{summary}"
         );
         assert!(summary.ends_with("line 10 (4 earlier lines omitted; run with -vv for all)"));
-    }
-
-    #[test]
-    fn ipv6_words_keep_network_order() {
-        let octets = "fd00::22".parse::<std::net::Ipv6Addr>().unwrap().octets();
-        let words = ipv6_words(octets);
-        assert_eq!(words[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
-        assert_eq!(words[3].to_ne_bytes(), [0, 0, 0, 0x22]);
     }
 }

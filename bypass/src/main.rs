@@ -1,10 +1,12 @@
 use std::{ffi::OsString, process::ExitCode};
 
 use bypass::{
-    attach,
-    cli::{Cli, Command},
+    attach, check, generate,
+    cli::{Cli, Command, RulesCommand},
     exit::{self, UsageError},
+    live, pin,
     run::{self, CommandError},
+    status,
 };
 use clap::Parser as _;
 
@@ -41,19 +43,36 @@ fn main() -> ExitCode {
             err.downcast_ref::<CommandError>()
                 .map_or(exit::RUN_FAILED, CommandError::exit_code)
         }),
-        Command::Attach(args) => match runtime.block_on(attach::attach(args)) {
-            Ok(()) => 0,
-            Err(err) => {
-                eprintln!("bypass: {err:#}");
-                if err.is::<UsageError>() {
-                    exit::USAGE
-                } else {
-                    exit::FAILURE
-                }
-            }
+        Command::Attach(args) => status_of(runtime.block_on(attach::attach(args))),
+        Command::Detach(args) => status_of(pin::detach(&args.name)),
+        Command::Status(args) => status_of(status::status(args.name.as_deref(), args.json)),
+        Command::Gc => status_of(pin::gc().map(drop)),
+        Command::Rules(RulesCommand::Add { name, rule }) => status_of(live::add(&name, &rule)),
+        Command::Rules(RulesCommand::Del { name, rule }) => status_of(live::del(&name, &rule)),
+        Command::Generate(args) => status_of(generate::generate(&args.dir)),
+        Command::Check(args) => match check::check(&args) {
+            Ok(true) => 0,
+            Ok(false) => exit::FAILURE,
+            Err(err) => status_of(Err(err)),
         },
     };
     ExitCode::from(code)
+}
+
+/// The exit status of a command other than `run`: 0, [`exit::USAGE`] for a [`UsageError`],
+/// else [`exit::FAILURE`]; errors are printed with their causes.
+fn status_of(result: anyhow::Result<()>) -> u8 {
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("bypass: {err:#}");
+            if err.is::<UsageError>() {
+                exit::USAGE
+            } else {
+                exit::FAILURE
+            }
+        }
+    }
 }
 
 /// Returns the first argument that is not an option: the subcommand, if any.

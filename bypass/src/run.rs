@@ -22,7 +22,9 @@ use crate::{
     cli::RunArgs,
     exit,
     hitlog::{self, HitLog},
-    setup,
+    record, setup,
+    user::RunAs,
+    verify,
 };
 
 /// Why the command did not start.
@@ -51,6 +53,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let (name, arguments) = args.command.split_first().context("no command given")?;
     // Look the command up before anything is attached, so a typo costs nothing.
     let program = resolve_command(name)?;
+    let user = args.user.as_deref().map(RunAs::lookup).transpose()?;
 
     let mount = cgroup::find_mount()?;
     let parent = match &args.parent_cgroup {
@@ -64,9 +67,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
     redirector.attach(cgroup.path())?;
+    if !args.no_verify {
+        verify::verify(&redirector, cgroup.path())?;
+    }
     let hit_log = HitLog::start(&mut redirector);
 
-    let result = spawn_in_cgroup(&program, name, arguments, &cgroup);
+    let _record = record::Running::write(cgroup.path(), &redirector);
+    let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
         Ok(child) => Ok(wait_forwarding_signals(child).await?),
         Err(err) => Err(err),
@@ -109,6 +116,7 @@ fn spawn_in_cgroup(
     name: &OsStr,
     arguments: &[OsString],
     cgroup: &ChildCgroup,
+    user: Option<&RunAs>,
 ) -> anyhow::Result<Child> {
     let procs = cgroup
         .open_procs()
@@ -131,6 +139,9 @@ fn spawn_in_cgroup(
                 )))
             }
         });
+    }
+    if let Some(user) = user {
+        user.apply(&mut command);
     }
 
     let child = command.spawn().map_err(|source| {

@@ -7,7 +7,8 @@ use crate::{
     config,
     exit::UsageError,
     loader::{self, LoadOptions, Redirector},
-    rule::{Origin, Rule, RuleSet},
+    names,
+    rule::{Origin, RuleSet},
 };
 
 /// Builds the rule set from `--rule` and `--config`, or the default rule when both are
@@ -15,12 +16,12 @@ use crate::{
 pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
     let mut rules = RuleSet::default();
     for text in &args.rules {
-        let rule: Rule = text
-            .parse()
-            .with_context(|| format!("invalid rule `{text}`"))?;
-        rules
-            .push(rule, Origin::CommandLine)
-            .map_err(anyhow::Error::from)?;
+        let expanded = names::parse_rule(text).with_context(|| format!("invalid rule `{text}`"))?;
+        for rule in expanded {
+            rules
+                .push(rule, Origin::CommandLine)
+                .map_err(anyhow::Error::from)?;
+        }
     }
     if let Some(path) = &args.config {
         config::load(path, &mut rules).map_err(anyhow::Error::from)?;

@@ -1,6 +1,7 @@
 //! Development tasks for bypass: `cargo xtask <task>`. Nothing here is needed at run time.
 
 mod demo;
+mod dist;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -22,6 +23,8 @@ enum Task {
     Setup,
     /// Set up, build, and show a real curl redirected inside a private network namespace.
     Demo,
+    /// Build the release tarball and .deb into target/dist/.
+    Dist,
     /// Set up, then run every test, the privileged ones included (needs root).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
+        Task::Dist => setup::run().and_then(|()| dist::run_dist()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
     };
     match result {

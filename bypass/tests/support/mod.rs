@@ -161,15 +161,15 @@ impl TestCgroup {
         self.command(argv).output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
     }
 
-    /// Starts `argv` in this cgroup with stdout piped; the caller waits for it.
-    pub fn spawn(&self, argv: &[String]) -> Child {
+    /// Starts `argv` in this cgroup with stdin closed and stdout piped; the caller waits.
+    pub fn spawn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(&self, argv: &[S]) -> Child {
         let mut command = self.command(argv);
-        command.stdout(Stdio::piped());
+        command.stdin(Stdio::null()).stdout(Stdio::piped());
         command.spawn().unwrap_or_else(|err| panic!("start {argv:?}: {err}"))
     }
 
     /// Builds a command for `argv` that joins this cgroup before `exec`.
-    pub fn command(&self, argv: &[String]) -> Command {
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, argv: &[S]) -> Command {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
@@ -688,4 +688,69 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// A pinned attachment made by a test: `bypass detach NAME` on drop, whatever happened.
+pub struct PinGuard {
+    name: String,
+}
+
+impl PinGuard {
+    /// Runs `bypass attach --pin NAME ARGS` and panics with its output unless it exits 0.
+    pub fn attach(args: &[&str]) -> Self {
+        let guard = Self {
+            name: unique_name("t"),
+        };
+        let mut full = vec!["attach", "--pin", &guard.name];
+        full.extend_from_slice(args);
+        let output = bypass(&full);
+        assert!(
+            output.status.success(),
+            "bypass attach --pin failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        guard
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/bypass").join(&self.name)
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if self.dir().exists() {
+            let _ = bypass(&["detach", &self.name]);
+        }
+    }
+}
+
+/// Connects to `addr` from inside `cgroup` and `netns` with curl and returns what the server
+/// sent, trimmed; empty when the connection failed.
+pub fn fetch_in(cgroup: &TestCgroup, netns: &Netns, addr: &str) -> String {
+    let url = format!("telnet://{addr}");
+    let output = cgroup.run(&netns.command_line(&["curl", "-sS", "--max-time", "5", &url]));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Runs `bypass status --json [NAME]` and returns the parsed output.
+pub fn status_json(name: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["status", "--json"];
+    args.extend(name);
+    let output = bypass(&args);
+    assert!(
+        output.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "status --json is not JSON ({err}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }

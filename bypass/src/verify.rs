@@ -1,0 +1,237 @@
+//! The check after attaching that the redirect really applies to the cgroup.
+//!
+//! A temporary rule sends `127.0.0.1:SOURCE` to `127.0.0.1:TARGET`, two loopback listeners of
+//! this process. A forked helper joins the cgroup and connects to SOURCE. The connection must
+//! arrive at TARGET; arriving at SOURCE means the programs did not run for the helper. Nothing
+//! leaves loopback, and the rule is removed again before this returns.
+
+use std::{
+    fs,
+    io::{self, ErrorKind},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    loader::Redirector,
+    rule::{Protocol, Rule},
+    rulemap::RuleMaps,
+};
+
+/// How long the check waits for the helper's connection.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "the redirect does not apply to processes in {cgroup}: a test connection from there \
+         reached its original address. Likely causes: bypass runs in another cgroup namespace \
+         than the cgroup's processes, or another program on the cgroup or a parent rewrites \
+         connect() after bypass. Detached; pass --no-verify to skip this check"
+    )]
+    NotRedirected { cgroup: String },
+    #[error(
+        "cannot place a test process in {cgroup} ({source}); a cgroup with child cgroups and \
+         enabled controllers accepts no processes. Attach to a leaf cgroup, or pass --no-verify"
+    )]
+    CannotJoin { cgroup: String, source: io::Error },
+    #[error(
+        "the test connection from {cgroup} to 127.0.0.1 failed ({source}); a firewall on \
+         loopback or a program on the cgroup that rejects connect() may block it. Detached; \
+         pass --no-verify to skip this check"
+    )]
+    ConnectFailed { cgroup: String, source: io::Error },
+    #[error(
+        "the test process in {cgroup} did not connect within {TIMEOUT:?}; is the cgroup frozen \
+         (cgroup.freeze)? Detached; pass --no-verify to skip this check"
+    )]
+    TimedOut { cgroup: String },
+    #[error("cannot set up the check")]
+    Setup(#[source] anyhow::Error),
+}
+
+/// Checks that a process in `cgroup` is redirected by `redirector`'s programs.
+pub fn verify(redirector: &Redirector, cgroup: &Path) -> Result<(), VerifyError> {
+    let setup = |err: io::Error| VerifyError::Setup(err.into());
+    let target = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(setup)?;
+    let source = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(setup)?;
+    let rule = Rule {
+        protocol: Protocol::Tcp,
+        from: source.local_addr().map_err(setup)?,
+        to: target.local_addr().map_err(setup)?,
+    };
+    let mut maps =
+        RuleMaps::from_ebpf(redirector.ebpf()).map_err(|err| VerifyError::Setup(err.into()))?;
+    maps.add(&rule)
+        .map_err(|err| VerifyError::Setup(err.into()))?;
+    log::debug!("checking the redirect with the temporary rule {rule}");
+    let result = probe(cgroup, rule.from, &target, &source);
+    if let Err(err) = maps.remove(&rule) {
+        log::warn!("cannot remove the temporary rule {rule}: {err}");
+    }
+    result?;
+    log::info!("checked: a process in {} is redirected", cgroup.display());
+    Ok(())
+}
+
+fn probe(
+    cgroup: &Path,
+    from: SocketAddr,
+    target: &TcpListener,
+    source: &TcpListener,
+) -> Result<(), VerifyError> {
+    let shown = cgroup.display().to_string();
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .map_err(|source| VerifyError::CannotJoin {
+            cgroup: shown.clone(),
+            source,
+        })?;
+    match run_helper(procs.as_raw_fd(), from) {
+        Ok(()) => {}
+        Err(HelperError::Join(source)) => {
+            return Err(VerifyError::CannotJoin {
+                cgroup: shown,
+                source,
+            });
+        }
+        Err(HelperError::Connect(source)) => {
+            return Err(VerifyError::ConnectFailed {
+                cgroup: shown,
+                source,
+            });
+        }
+        Err(HelperError::TimedOut) => return Err(VerifyError::TimedOut { cgroup: shown }),
+    }
+    wait_for_arrival(target, source, &shown)
+}
+
+/// Returns which listener got the helper's connection, within [`TIMEOUT`].
+fn wait_for_arrival(
+    target: &TcpListener,
+    source: &TcpListener,
+    cgroup: &str,
+) -> Result<(), VerifyError> {
+    let setup = |err: io::Error| VerifyError::Setup(err.into());
+    target.set_nonblocking(true).map_err(setup)?;
+    source.set_nonblocking(true).map_err(setup)?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match target.accept() {
+            Ok(_) => return Ok(()),
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+            Err(err) => return Err(setup(err)),
+        }
+        if source.accept().is_ok() {
+            return Err(VerifyError::NotRedirected {
+                cgroup: cgroup.to_owned(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(VerifyError::TimedOut {
+                cgroup: cgroup.to_owned(),
+            });
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+enum HelperError {
+    Join(io::Error),
+    Connect(io::Error),
+    TimedOut,
+}
+
+/// Exit status offset of the helper: `JOIN_FAILED + errno` when joining failed,
+/// `CONNECT_FAILED + errno` when connecting failed. errno values stay below 100 in practice.
+const JOIN_FAILED: i32 = 1;
+const CONNECT_FAILED: i32 = 101;
+
+/// Forks a helper that joins the cgroup through `procs_fd` and connects to `to`, then exits.
+fn run_helper(procs_fd: i32, to: SocketAddr) -> Result<(), HelperError> {
+    let SocketAddr::V4(to) = to else {
+        unreachable!("the check uses IPv4 loopback")
+    };
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the child calls only async-signal-safe functions (write, socket, connect,
+    // _exit) on memory prepared before the fork, so forking a threaded process is sound.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(HelperError::Join(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; the child never returns from this block.
+        unsafe { helper_child(procs_fd, &address) }
+    }
+    let code = wait_helper(pid)?;
+    match code {
+        0 => Ok(()),
+        c if c >= CONNECT_FAILED => Err(HelperError::Connect(io::Error::from_raw_os_error(
+            c - CONNECT_FAILED,
+        ))),
+        c => Err(HelperError::Join(io::Error::from_raw_os_error(
+            c - JOIN_FAILED,
+        ))),
+    }
+}
+
+/// Waits up to [`TIMEOUT`] for the helper and returns its exit status. A helper that hangs
+/// (in a frozen cgroup, say) is killed and reaped.
+fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut status = 0;
+    loop {
+        // SAFETY: polls the child forked by `run_helper`, which only this function reaps.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if reaped == pid {
+            return Ok(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                255
+            });
+        }
+        if reaped < 0 || Instant::now() >= deadline {
+            // SAFETY: `pid` is our unreaped child, so it cannot be another process.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err(HelperError::TimedOut);
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The helper's whole life: join, connect, exit with a status that tells the outcome.
+unsafe fn helper_child(procs_fd: i32, address: &libc::sockaddr_in) -> ! {
+    // SAFETY: plain syscalls on valid descriptors and memory; `_exit` skips atexit handlers.
+    unsafe {
+        let errno = || *libc::__errno_location();
+        if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+            libc::_exit(JOIN_FAILED + errno().min(99));
+        }
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let connected = socket >= 0
+            && libc::connect(
+                socket,
+                (address as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) == 0;
+        if !connected {
+            libc::_exit(CONNECT_FAILED + errno().min(99));
+        }
+        libc::close(socket);
+        libc::_exit(0)
+    }
+}
