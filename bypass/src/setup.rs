@@ -45,7 +45,7 @@ pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirecto
         log::info!("rule {rule_id}: {rule} ({origin})");
     }
     if args.log_rate == 0 {
-        log::info!("hit log off (--log-rate 0); hits are still counted");
+        log::info!("hit log off (--log-rate 0, or --pin); hits are still counted");
     }
     Ok(redirector)
 }
