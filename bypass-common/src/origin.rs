@@ -17,8 +17,9 @@
 /// Name of the LRU hash map `OriginKey -> Origin`.
 pub const ORIGINS_MAP: &str = "ORIGINS";
 
-/// Default capacity of [`ORIGINS_MAP`]; the least recently used entries are dropped first.
-pub const DEFAULT_MAX_ORIGINS: u32 = 65_536;
+/// Capacity of [`ORIGINS_MAP`]: redirected sockets remembered at once, about 2 MiB of
+/// locked kernel memory. When it is full, the least recently used entries are dropped first.
+pub const DEFAULT_MAX_ORIGINS: u32 = 16_384;
 
 /// Key of the reverse map: one socket and the destination it was redirected to.
 #[repr(C)]
