@@ -7,6 +7,7 @@
 //! the programs compare and copy them without conversion.
 #![no_std]
 
+pub mod origin;
 pub mod ratelimit;
 
 /// `IPPROTO_TCP`, as found in `bpf_sock_addr.protocol`.

@@ -9,16 +9,22 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use aya_ebpf::{
-    Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    EbpfContext, Global,
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
 use bypass_common::{
     DEFAULT_LOG_RATE, DEFAULT_MAX_RULES, LOG_STATS_LEN, LogStat, PROTO_TCP, RuleKey4, RuleKey6,
-    RuleTarget4, RuleTarget6, ipv4_from_mapped, ipv4_to_mapped, ratelimit::RateWindow,
+    RuleTarget4, RuleTarget6, ipv4_from_mapped, ipv4_to_mapped,
+    origin::{DEFAULT_MAX_ORIGINS, Origin, OriginKey},
+    ratelimit::RateWindow,
 };
 
 /// Return value that lets the syscall proceed. (0 would fail it with `EPERM`.)
@@ -32,6 +38,11 @@ static RULES6: HashMap<RuleKey6, RuleTarget6> = HashMap::with_max_entries(DEFAUL
 
 #[map]
 static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
+
+/// Original destination of each redirected socket, for `recvmsg` and `getpeername`.
+#[map]
+static ORIGINS: LruHashMap<OriginKey, Origin> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_ORIGINS, 0);
 
 #[map]
 static LOG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG_STATS_LEN, 0);
@@ -55,6 +66,45 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Unconnected UDP sends (`sendto`, `sendmsg` with an address) from `AF_INET` sockets, and
+/// IPv4-mapped ones from `AF_INET6` sockets, which the kernel passes here.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx, "sendmsg4");
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx, "sendmsg6");
+    ALLOW
+}
+
+/// Restores the source address of a received UDP datagram, on connected sockets too.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore6(&ctx);
+    ALLOW
+}
+
 /// Rewrites `user_ip4`/`user_port` when the destination has a rule.
 #[inline(always)]
 fn redirect4(ctx: &SockAddrContext, hook: &str) {
@@ -69,6 +119,12 @@ fn redirect4(ctx: &SockAddrContext, hook: &str) {
 
     sa.user_ip4 = target.addr;
     sa.user_port = u32::from(target.port);
+    remember(
+        ctx,
+        Origin::new(ipv4_to_mapped(key.addr), u32::from(key.port)),
+        ipv4_to_mapped(target.addr),
+        target.port,
+    );
     count_hit(target.rule_id);
 
     if admit_log_line() {
@@ -109,6 +165,12 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
         sa.user_ip6[2] = mapped[2];
         sa.user_ip6[3] = mapped[3];
         sa.user_port = u32::from(target.port);
+        remember(
+            ctx,
+            Origin::new(user_ip6, u32::from(key.port)),
+            mapped,
+            target.port,
+        );
         count_hit(target.rule_id);
         if admit_log_line() {
             let (pid, mut comm) = current_task();
@@ -139,6 +201,12 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
     sa.user_ip6[2] = target.addr[2];
     sa.user_ip6[3] = target.addr[3];
     sa.user_port = u32::from(target.port);
+    remember(
+        ctx,
+        Origin::new(user_ip6, u32::from(key.port)),
+        target.addr,
+        target.port,
+    );
     count_hit(target.rule_id);
     if admit_log_line() {
         let (pid, mut comm) = current_task();
@@ -156,6 +224,69 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
             comm_str(&mut comm)
         );
     }
+}
+
+/// Records that this socket asked for `origin` and now talks to `addr`:`port` (IPv6 form,
+/// network order). A full map evicts its least recently used entry; a failed insert only
+/// leaves `recvmsg`/`getpeername` reporting the new destination.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, origin: Origin, addr: [u32; 4], port: u16) {
+    let key = OriginKey::new(socket_cookie(ctx), addr, u32::from(port));
+    let _ = ORIGINS.insert(&key, &origin, 0);
+}
+
+/// Reports the original destination instead of the current peer in `user_ip4`/`user_port`
+/// when this socket was redirected to that peer.
+#[inline(always)]
+fn restore4(ctx: &SockAddrContext) {
+    // SAFETY: as in `redirect4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(origin) = lookup_origin(ctx, ipv4_to_mapped(sa.user_ip4), sa.user_port) {
+        sa.user_ip4 = origin.ipv4();
+        sa.user_port = origin.user_port();
+    }
+}
+
+/// As [`restore4`], for `user_ip6`; IPv4-mapped peers are found in the same entries.
+#[inline(always)]
+fn restore6(ctx: &SockAddrContext) {
+    // SAFETY: as in `redirect4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(origin) = lookup_origin(ctx, read_user_ip6(sa), sa.user_port) {
+        sa.user_ip6[0] = origin.addr[0];
+        sa.user_ip6[1] = origin.addr[1];
+        sa.user_ip6[2] = origin.addr[2];
+        sa.user_ip6[3] = origin.addr[3];
+        sa.user_port = origin.user_port();
+    }
+}
+
+/// Reads `user_ip6` one 32-bit word at a time. Copying the array whole lets LLVM load it
+/// through a pointer into the context, which the verifier rejects.
+#[inline(always)]
+fn read_user_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: aligned reads of fields of a valid `bpf_sock_addr`.
+    unsafe {
+        [
+            core::ptr::read_volatile(&sa.user_ip6[0]),
+            core::ptr::read_volatile(&sa.user_ip6[1]),
+            core::ptr::read_volatile(&sa.user_ip6[2]),
+            core::ptr::read_volatile(&sa.user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn lookup_origin(ctx: &SockAddrContext, addr: [u32; 4], user_port: u32) -> Option<Origin> {
+    let key = OriginKey::new(socket_cookie(ctx), addr, user_port);
+    // SAFETY: copied out at once; an entry is only ever replaced whole.
+    unsafe { ORIGINS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the context is the `bpf_sock_addr` this helper expects for sock_addr programs.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]

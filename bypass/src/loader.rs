@@ -30,10 +30,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const VERIFIER_LINES_SHOWN: usize = 6;
 
 /// The programs in the object: name (= attach point), whether bypass can work without it,
-/// and what goes unredirected when the kernel lacks it.
+/// and what is lost when the kernel lacks it.
+#[rustfmt::skip]
 pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
-    ("connect4", true, "IPv4 connect()"),
-    ("connect6", false, "IPv6 and IPv4-mapped connect()"),
+    ("connect4", true, "IPv4 connect() is not redirected"),
+    ("connect6", false, "IPv6 and IPv4-mapped connect() is not redirected"),
+    ("sendmsg4", false, "unconnected IPv4 and IPv4-mapped UDP sends are not redirected"),
+    ("sendmsg6", false, "unconnected IPv6 UDP sends are not redirected"),
+    ("recvmsg4", false, "IPv4 UDP replies show the new source address, not the original"),
+    ("recvmsg6", false, "IPv6 UDP replies show the new source address, not the original"),
+    ("getpeername4", false, "getpeername() on IPv4 sockets shows the new address"),
+    ("getpeername6", false, "getpeername() on IPv6 sockets shows the new address"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -157,9 +164,7 @@ impl Redirector {
             match program.load() {
                 Ok(()) => loaded.push(name),
                 Err(err) if !required => {
-                    log::warn!(
-                        "{name} is not available on this kernel ({err}); {lost} is not redirected"
-                    );
+                    log::warn!("{name} is not available on this kernel ({err}); {lost}");
                 }
                 Err(err) => return Err(program_error(name, err)),
             }

@@ -20,7 +20,8 @@ use bypass::{
 };
 use proptest::prelude::*;
 use support::{
-    Attached, BYPASS, TempFile, TestCgroup, attached_program_ids, cgroup2_mount, require_root,
+    Attached, BYPASS, PROGRAM_COUNT, TempFile, TestCgroup, attached_program_ids, cgroup2_mount,
+    require_root,
     unique_name,
 };
 
@@ -289,7 +290,7 @@ fn non_utf8_cgroup_path_works() {
     let cgroup = parent.path().join(OsStr::from_bytes(b"job-\xff\xfe"));
     fs::create_dir(&cgroup).expect("mkdir a cgroup with a non-UTF-8 name");
     let bypass = Attached::start(&cgroup, &[]);
-    assert_eq!(attached_program_ids(&cgroup).len(), 2);
+    assert_eq!(attached_program_ids(&cgroup).len(), PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     let _ = fs::remove_dir(&cgroup);
     assert!(status.success(), "{stderr}");
@@ -375,7 +376,7 @@ fn symlink_into_cgroup_mount_attaches_to_target() {
     let cgroup = TestCgroup::new();
     let link = Symlink::to(cgroup.path());
     let bypass = Attached::start(&link.0, &[]);
-    assert_eq!(attached_program_ids(cgroup.path()).len(), 2);
+    assert_eq!(attached_program_ids(cgroup.path()).len(), PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
 }

@@ -10,7 +10,8 @@ use std::{
 };
 
 use support::{
-    Attached, Netns, PinGuard, TcpServer, TestCgroup, attached_programs, bypass, fetch_in,
+    Attached, Netns, PROGRAM_COUNT, PinGuard, TcpServer, TestCgroup, attached_programs, bypass,
+    fetch_in,
     require_root, status_json, wait_timeout,
 };
 
@@ -31,8 +32,8 @@ fn pin_survives_the_loader_and_detach_removes_it() {
     assert_eq!(target.accepted(), 2);
     assert_eq!(
         attached_programs(cgroup.path()).len(),
-        2,
-        "connect4 and connect6 attached"
+        PROGRAM_COUNT,
+        "every program stays attached"
     );
     let mode = fs::metadata(pinned.dir()).expect("pin directory").permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "pin directory mode {mode:o}");
@@ -201,7 +202,7 @@ fn pid_attaches_to_the_cgroup_of_that_process() {
     let pid = sleeper.id().to_string();
 
     let pinned = PinGuard::attach(&["--no-verify", "--pid", &pid]);
-    assert_eq!(attached_programs(cgroup.path()).len(), 2);
+    assert_eq!(attached_programs(cgroup.path()).len(), PROGRAM_COUNT);
     let status = status_json(Some(pinned.name()));
     assert_eq!(status[0]["cgroup"], cgroup.path().to_str().unwrap());
 

@@ -26,6 +26,10 @@ pub const SERVICE_IP: &str = "10.0.0.22";
 /// The IPv6 address the tests use, likewise only inside test namespaces.
 pub const SERVICE_IP6: &str = "fd00::22";
 
+/// Programs bypass attaches on this kernel, which has every hook: connect, sendmsg, recvmsg
+/// and getpeername, each for IPv4 and IPv6.
+pub const PROGRAM_COUNT: usize = 8;
+
 /// The bypass binary under test.
 pub const BYPASS: &str = env!("CARGO_BIN_EXE_bypass");
 
@@ -246,7 +250,9 @@ impl TcpServer {
                         Ok((mut stream, _)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                             let _ = stream.set_nonblocking(false);
-                            let _ = writeln!(stream, "served-by {}", addr.port());
+                            // One write, so a client's single recv() gets the whole line.
+                            let line = format!("served-by {}\n", addr.port());
+                            let _ = stream.write_all(line.as_bytes());
                         }
                         Err(_) => wait_readable(&listener, Duration::from_millis(20)),
                     }
@@ -753,4 +759,78 @@ pub fn status_json(name: Option<&str>) -> serde_json::Value {
             String::from_utf8_lossy(&output.stdout)
         )
     })
+}
+
+/// Returns the command line that runs `python3 -c SCRIPT ARGS...` in `netns`.
+pub fn python_line(netns: &Netns, script: &str, args: &[&str]) -> Vec<String> {
+    let mut argv = vec!["python3", "-c", script];
+    argv.extend_from_slice(args);
+    netns.command_line(&argv)
+}
+
+/// Python client: it connects over TCP to each `HOST:PORT` argument (`[V6]:PORT` for IPv6),
+/// all sockets open at once, then prints for each `TARGET | REPLY | PEER-HOST PEER-PORT`, the
+/// peer from getpeername().
+pub const TCP_CLIENT: &str = r#"
+import socket, sys
+sockets = []
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect((host, int(port)))
+    sockets.append((target, s))
+for target, s in sockets:
+    peer = s.getpeername()
+    reply = s.recv(100).decode().strip()
+    print(f"{target} | {reply} | {peer[0]} {peer[1]}", flush=True)
+    s.close()
+"#;
+
+/// Python client: for each `MODE,HOST:PORT` argument (MODE `connected` or `sendto`) it sends
+/// one UDP datagram and prints `MODE,TARGET | REPLY | SOURCE-HOST SOURCE-PORT`, the source
+/// from recvfrom().
+pub const UDP_CLIENT: &str = r#"
+import socket, sys
+for arg in sys.argv[1:]:
+    mode, target = arg.split(",", 1)
+    host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    if mode == "connected":
+        s.connect((host, int(port)))
+        s.send(b"ping")
+    else:
+        s.sendto(b"ping", (host, int(port)))
+    reply, source = s.recvfrom(100)
+    print(f"{arg} | {reply.decode()} | {source[0]} {source[1]}", flush=True)
+    s.close()
+"#;
+
+/// The stdout of a finished command, as text.
+pub fn stdout_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Panics with the command's output unless it exited 0.
+pub fn assert_success(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}): {}{}",
+        output.status,
+        stdout_of(output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `argv` to completion in the cgroup of this test process, outside any test cgroup.
+pub fn run_outside(argv: &[String]) -> Output {
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
 }
