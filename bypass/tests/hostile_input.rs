@@ -287,12 +287,11 @@ fn non_utf8_cgroup_path_works() {
         return;
     }
     let parent = TestCgroup::new();
-    let cgroup = parent.path().join(OsStr::from_bytes(b"job-\xff\xfe"));
-    fs::create_dir(&cgroup).expect("mkdir a cgroup with a non-UTF-8 name");
+    let child = TestCgroup::named(parent.path(), OsStr::from_bytes(b"job-\xff\xfe"));
+    let cgroup = child.path().to_owned();
     let bypass = Attached::start(&cgroup, &[]);
     assert_eq!(attached_program_ids(&cgroup).len(), PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
-    let _ = fs::remove_dir(&cgroup);
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains(&format!("detached from {}", cgroup.display())), "{stderr}");
 }

@@ -151,7 +151,12 @@ impl TestCgroup {
     }
 
     pub fn under(parent: &Path) -> Self {
-        let path = parent.join(unique_name("bypass-test"));
+        Self::named(parent, unique_name("bypass-test").as_ref())
+    }
+
+    /// Makes the child `name` of `parent`, for tests that need a particular name.
+    pub fn named(parent: &Path, name: &std::ffi::OsStr) -> Self {
+        let path = parent.join(name);
         fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
         Self { path }
     }
