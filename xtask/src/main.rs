@@ -1,5 +1,6 @@
 //! Development tasks for bypass: `cargo xtask <task>`. Nothing here is needed at run time.
 
+mod bench;
 mod demo;
 mod dist;
 mod setup;
@@ -31,6 +32,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then benchmark bypass against a direct connection, iptables DNAT and socat
+    /// (needs root); writes docs/benchmarks.md.
+    Bench(bench::BenchArgs),
+    /// One client run of the bench, started by `bench` inside its namespace and cgroup.
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +46,8 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Dist => setup::run().and_then(|()| dist::run_dist()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
+        Task::Bench(args) => setup::run().and_then(|()| bench::run(&args)),
+        Task::BenchClient(args) => bench::client(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "bpftool",
+    "iptables",
+    "socat",
 ];
 
 /// bpf-linker release and features known to build with the toolchains above.
@@ -56,7 +58,7 @@ fn install_packages(missing: &[&str]) -> anyhow::Result<()> {
             "missing packages: {}. On Debian or Ubuntu, as root: apt-get install {}. \
              Elsewhere install: a Rust compiler with its library source (or `rustup toolchain \
              install nightly --component rust-src`), LLVM 22 development files, iproute2, \
-             curl, python3 and bpftool; then `cargo {}`",
+             curl, python3, bpftool, iptables and socat; then `cargo {}`",
             missing.join(" "),
             missing.join(" "),
             BPF_LINKER_ARGS.join(" ")

@@ -1,0 +1,293 @@
+//! The bench's private network: two namespaces with a server each, a cgroup per variant,
+//! the `bypass attach` processes, the iptables rule and socat; and the client runs in it.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{
+    client::{Mode, Report},
+    fixture::{Attached, Cgroup, Netns, Server, Socat, own_cgroup},
+};
+
+/// The port the servers listen on.
+const SERVER_PORT: u16 = 3000;
+/// The port every redirect, the DNAT rule included, sends to [`SERVER_PORT`].
+const REDIRECTED_PORT: u16 = 80;
+/// The port socat listens on; it relays to [`SERVER_PORT`].
+const SOCAT_PORT: u16 = 8080;
+
+/// How a variant reaches the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    /// `bypass attach` with `rules` rules and the hit log on or off; `matching` selects
+    /// whether the client connects to a destination with a rule.
+    Bypass {
+        rules: usize,
+        log: bool,
+        matching: bool,
+    },
+    Iptables,
+    Socat,
+}
+
+/// A way to connect, and the name it has in the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Variant {
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+/// Everything the variants need, torn down in field order on drop: processes first, then
+/// servers, cgroups, and the namespaces last.
+pub struct Lab {
+    attached: Vec<Option<Attached>>,
+    socat: Socat,
+    plain_server: Server,
+    nat_server: Server,
+    cgroups: Vec<Cgroup>,
+    _parent: Cgroup,
+    plain: Netns,
+    /// iptables runs in a namespace of its own: its DNAT rule loads connection tracking,
+    /// which would otherwise slow every other variant down too.
+    nat: Netns,
+    client: PathBuf,
+}
+
+/// What a client run needs.
+pub struct ClientRun {
+    pub mode: Mode,
+    pub count: usize,
+    pub threads: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl Lab {
+    pub fn create(variants: &[Variant], bypass: &Path, client: PathBuf) -> anyhow::Result<Self> {
+        let tag = std::process::id();
+        let plain = Netns::create(format!("bypass-bench-{tag}"))?;
+        let nat = Netns::create(format!("bypass-bench-nat-{tag}"))?;
+        let parent = Cgroup::create(&own_cgroup()?, &format!("bypass-bench-{tag}"))?;
+        let cgroups = (0..variants.len())
+            .map(|i| Cgroup::create(parent.path(), &format!("variant-{i}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let server_addr = service(SERVER_PORT);
+        let plain_server = Server::start(&plain, server_addr)?;
+        let nat_server = Server::start(&nat, server_addr)?;
+        let dnat_to = server_addr.to_string();
+        let dport = REDIRECTED_PORT.to_string();
+        nat.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.0.0.22",
+            "--dport",
+            &dport,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dnat_to,
+        ])
+        .context("cannot add the iptables DNAT rule; install the Debian package iptables")?;
+        let socat = Socat::start(&plain, service(SOCAT_PORT), server_addr)?;
+        let mut lab = Self {
+            attached: Vec::new(),
+            socat,
+            plain_server,
+            nat_server,
+            cgroups,
+            _parent: parent,
+            plain,
+            nat,
+            client,
+        };
+        for (variant, cgroup) in variants.iter().zip(&lab.cgroups) {
+            let attached = match variant.kind {
+                Kind::Bypass { rules, log, .. } => {
+                    eprintln!("xtask: attaching bypass for `{}`", variant.name);
+                    Some(Attached::start(
+                        bypass,
+                        cgroup.path(),
+                        &attach_args(rules, log),
+                    )?)
+                }
+                _ => None,
+            };
+            lab.attached.push(attached);
+        }
+        Ok(lab)
+    }
+
+    pub fn cgroup(&self, variant: usize) -> &Path {
+        self.cgroups[variant].path()
+    }
+
+    /// Runs the client for `variant` in its namespace and cgroup, and checks that every
+    /// connection it reports reached the server.
+    pub fn run_client(
+        &self,
+        variant: &Variant,
+        index: usize,
+        run: &ClientRun,
+    ) -> anyhow::Result<Report> {
+        let (netns, server, port) = match variant.kind {
+            Kind::Direct => (&self.plain, Some(&self.plain_server), SERVER_PORT),
+            Kind::Bypass { matching: true, .. } => {
+                (&self.plain, Some(&self.plain_server), REDIRECTED_PORT)
+            }
+            Kind::Bypass {
+                matching: false, ..
+            } => (&self.plain, Some(&self.plain_server), SERVER_PORT),
+            Kind::Iptables => (&self.nat, Some(&self.nat_server), REDIRECTED_PORT),
+            Kind::Socat => (&self.plain, None, SOCAT_PORT),
+        };
+        let before = server.map(Server::accepted);
+        let report = self.spawn_client(netns, self.cgroup(index), service(port), run)?;
+        if let (Some(server), Some(before)) = (server, before) {
+            // A reset that overtakes the handshake's last ACK leaves nothing to accept, so
+            // connect-and-reset runs may lose a few; the others must all arrive.
+            let lost = if run.mode == Mode::Connect {
+                report.count / 100
+            } else {
+                0
+            };
+            let expected = before + report.count - lost;
+            if !server.wait_accepted(expected, Duration::from_secs(5)) {
+                bail!(
+                    "`{}`: the client made {} connections but the server accepted {}",
+                    variant.name,
+                    report.count,
+                    server.accepted() - before
+                );
+            }
+        } else {
+            self.socat.settle();
+        }
+        Ok(report)
+    }
+
+    fn spawn_client(
+        &self,
+        netns: &Netns,
+        cgroup: &Path,
+        addr: SocketAddr,
+        run: &ClientRun,
+    ) -> anyhow::Result<Report> {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))?;
+        let netns_file = fs::File::open(netns.path())?;
+        let (procs_fd, netns_fd) = (procs.as_raw_fd(), netns_file.as_raw_fd());
+        let mut command = Command::new(&self.client);
+        command.args(["bench-client", "--mode"]);
+        command.arg(match run.mode {
+            Mode::Connect => "connect",
+            Mode::EndToEnd => "end-to-end",
+            Mode::Stream => "stream",
+        });
+        command.arg(format!("--addr={addr}"));
+        command.arg(format!("--count={}", run.count));
+        command.arg(format!("--threads={}", run.threads));
+        command.arg(format!("--bytes={}", run.bytes));
+        command.arg(format!("--seconds={}", run.seconds));
+        // SAFETY: only `write` and `setns`, both async-signal-safe, run between fork and
+        // exec; both fds stay open in the parent until `output` returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                    || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("cannot start {}", self.client.display()))?;
+        if !output.status.success() {
+            bail!(
+                "bench client for {addr} failed with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Report::parse(String::from_utf8_lossy(&output.stdout).trim())
+    }
+
+    /// Everything the `bypass attach` processes logged, for a failure message.
+    pub fn attach_logs(&self) -> String {
+        let mut out = String::new();
+        for attached in self.attached.iter().flatten() {
+            let _ = writeln!(out, "{}", attached.stderr());
+        }
+        out
+    }
+}
+
+fn service(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 22], port))
+}
+
+/// Returns the `bypass attach` arguments for a rule set of `rules` rules: the redirect of
+/// 10.0.0.22:80, and `rules - 1` others for addresses in 10.64.0.0/10 that no client uses.
+pub fn attach_args(rules: usize, log: bool) -> Vec<String> {
+    let mut args = vec![format!("--rule=10.0.0.22:{REDIRECTED_PORT}=:{SERVER_PORT}")];
+    for i in 1..rules {
+        let [_, b, c, d] = (0x0a40_0000_u32 + i as u32).to_be_bytes();
+        args.push(format!(
+            "--rule=10.{b}.{c}.{d}:{REDIRECTED_PORT}=:{SERVER_PORT}"
+        ));
+    }
+    args.push(format!(
+        "--max-rules={}",
+        rules.max(bypass_default_max_rules())
+    ));
+    if !log {
+        args.push("--log-rate=0".into());
+    }
+    args
+}
+
+/// bypass's default rule map capacity; larger rule sets raise it.
+fn bypass_default_max_rules() -> usize {
+    16_384
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_args_make_distinct_rules() {
+        let args = attach_args(3, false);
+        assert_eq!(
+            args,
+            [
+                "--rule=10.0.0.22:80=:3000",
+                "--rule=10.64.0.1:80=:3000",
+                "--rule=10.64.0.2:80=:3000",
+                "--max-rules=16384",
+                "--log-rate=0",
+            ]
+        );
+        let many = attach_args(100_000, true);
+        assert_eq!(many[99_999], "--rule=10.65.134.159:80=:3000");
+        assert_eq!(many.last().unwrap(), "--max-rules=100000");
+    }
+}
