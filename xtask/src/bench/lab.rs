@@ -1,4 +1,4 @@
-//! The bench's private network: two namespaces with a server each, a cgroup per variant,
+//! The bench's private network: per variant a namespace with a server and a cgroup, plus
 //! the `bypass attach` processes, the iptables rule and socat; and the client runs in it.
 
 use std::{
@@ -47,19 +47,24 @@ pub struct Variant {
     pub kind: Kind,
 }
 
-/// Everything the variants need, torn down in field order on drop: processes first, then
-/// servers, cgroups, and the namespaces last.
+/// One variant's own namespace, server, cgroup and redirector, torn down in field order on
+/// drop: processes first, then the server, the cgroup, and the namespace last.
+///
+/// Each variant has a namespace of its own, so the TIME_WAIT sockets of one variant's
+/// end-to-end loops and the connection tracking that iptables' DNAT rule loads slow no
+/// other variant down.
+struct Setup {
+    attached: Option<Attached>,
+    socat: Option<Socat>,
+    server: Server,
+    cgroup: Cgroup,
+    netns: Netns,
+}
+
+/// Everything the variants need; the parent cgroup goes after the variants' own.
 pub struct Lab {
-    attached: Vec<Option<Attached>>,
-    socat: Socat,
-    plain_server: Server,
-    nat_server: Server,
-    cgroups: Vec<Cgroup>,
+    setups: Vec<Setup>,
     _parent: Cgroup,
-    plain: Netns,
-    /// iptables runs in a namespace of its own: its DNAT rule loads connection tracking,
-    /// which would otherwise slow every other variant down too.
-    nat: Netns,
     client: PathBuf,
 }
 
@@ -75,108 +80,71 @@ pub struct ClientRun {
 impl Lab {
     pub fn create(variants: &[Variant], bypass: &Path, client: PathBuf) -> anyhow::Result<Self> {
         let tag = std::process::id();
-        let plain = Netns::create(format!("bypass-bench-{tag}"))?;
-        let nat = Netns::create(format!("bypass-bench-nat-{tag}"))?;
         let parent = Cgroup::create(&own_cgroup()?, &format!("bypass-bench-{tag}"))?;
-        let cgroups = (0..variants.len())
-            .map(|i| Cgroup::create(parent.path(), &format!("variant-{i}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let server_addr = service(SERVER_PORT);
-        let plain_server = Server::start(&plain, server_addr)?;
-        let nat_server = Server::start(&nat, server_addr)?;
-        let dnat_to = server_addr.to_string();
-        let dport = REDIRECTED_PORT.to_string();
-        nat.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.0.0.22",
-            "--dport",
-            &dport,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &dnat_to,
-        ])
-        .context("cannot add the iptables DNAT rule; install the Debian package iptables")?;
-        let socat = Socat::start(&plain, service(SOCAT_PORT), server_addr)?;
-        let mut lab = Self {
-            attached: Vec::new(),
-            socat,
-            plain_server,
-            nat_server,
-            cgroups,
-            _parent: parent,
-            plain,
-            nat,
-            client,
-        };
-        for (variant, cgroup) in variants.iter().zip(&lab.cgroups) {
-            let attached = match variant.kind {
-                Kind::Bypass { rules, log, .. } => {
-                    eprintln!("xtask: attaching bypass for `{}`", variant.name);
-                    Some(Attached::start(
-                        bypass,
-                        cgroup.path(),
-                        &attach_args(rules, log),
-                    )?)
-                }
-                _ => None,
+        let mut setups = Vec::new();
+        for (index, variant) in variants.iter().enumerate() {
+            let netns = Netns::create(format!("bypass-bench-{tag}-{index}"))?;
+            let cgroup = Cgroup::create(parent.path(), &format!("variant-{index}"))?;
+            let server = Server::start(&netns, service(SERVER_PORT))?;
+            let mut setup = Setup {
+                attached: None,
+                socat: None,
+                server,
+                cgroup,
+                netns,
             };
-            lab.attached.push(attached);
+            prepare(&mut setup, variant, bypass)?;
+            setups.push(setup);
         }
-        Ok(lab)
+        Ok(Self {
+            setups,
+            _parent: parent,
+            client,
+        })
     }
 
     pub fn cgroup(&self, variant: usize) -> &Path {
-        self.cgroups[variant].path()
+        self.setups[variant].cgroup.path()
     }
 
-    /// Runs the client for `variant` in its namespace and cgroup, and checks that every
-    /// connection it reports reached the server.
+    /// Runs the client for `variant` in its namespace and cgroup, and checks that the
+    /// connections it reports reached the server.
     pub fn run_client(
         &self,
         variant: &Variant,
         index: usize,
         run: &ClientRun,
     ) -> anyhow::Result<Report> {
-        let (netns, server, port) = match variant.kind {
-            Kind::Direct => (&self.plain, Some(&self.plain_server), SERVER_PORT),
-            Kind::Bypass { matching: true, .. } => {
-                (&self.plain, Some(&self.plain_server), REDIRECTED_PORT)
-            }
-            Kind::Bypass {
+        let setup = &self.setups[index];
+        let port = match variant.kind {
+            Kind::Direct
+            | Kind::Bypass {
                 matching: false, ..
-            } => (&self.plain, Some(&self.plain_server), SERVER_PORT),
-            Kind::Iptables => (&self.nat, Some(&self.nat_server), REDIRECTED_PORT),
-            Kind::Socat => (&self.plain, None, SOCAT_PORT),
+            } => SERVER_PORT,
+            Kind::Bypass { matching: true, .. } | Kind::Iptables => REDIRECTED_PORT,
+            Kind::Socat => SOCAT_PORT,
         };
-        let before = server.map(Server::accepted);
-        let report = self.spawn_client(netns, self.cgroup(index), service(port), run)?;
-        if let (Some(server), Some(before)) = (server, before) {
-            // A reset that overtakes the handshake's last ACK leaves nothing to accept, so
-            // connect-and-reset runs may lose a few; the others must all arrive.
-            let lost = if run.mode == Mode::Connect {
-                report.count / 100
-            } else {
-                0
-            };
-            let expected = before + report.count - lost;
-            if !server.wait_accepted(expected, Duration::from_secs(5)) {
-                bail!(
-                    "`{}`: the client made {} connections but the server accepted {}",
-                    variant.name,
-                    report.count,
-                    server.accepted() - before
-                );
-            }
+        let before = setup.server.accepted();
+        let report = self.spawn_client(&setup.netns, setup.cgroup.path(), service(port), run)?;
+        if let Some(socat) = &setup.socat {
+            // socat's children relay the last connections after the client is done.
+            socat.settle();
+        }
+        // A reset that overtakes the handshake's last ACK leaves nothing to accept, so
+        // connect-and-reset runs may lose a few; the others must all arrive.
+        let lost = if run.mode == Mode::Connect {
+            report.count / 100
         } else {
-            self.socat.settle();
+            0
+        };
+        let expected = before + report.count - lost;
+        if !setup.server.wait_accepted(expected, Duration::from_secs(5)) {
+            bail!(
+                "`{}`: the client made {} connections but the server accepted {}",
+                variant.name,
+                report.count,
+                setup.server.accepted() - before
+            );
         }
         Ok(report)
     }
@@ -233,11 +201,59 @@ impl Lab {
     /// Everything the `bypass attach` processes logged, for a failure message.
     pub fn attach_logs(&self) -> String {
         let mut out = String::new();
-        for attached in self.attached.iter().flatten() {
+        for attached in self
+            .setups
+            .iter()
+            .filter_map(|setup| setup.attached.as_ref())
+        {
             let _ = writeln!(out, "{}", attached.stderr());
         }
         out
     }
+}
+
+/// Adds what the variant needs beyond the namespace and server: bypass, the DNAT rule, or
+/// socat.
+fn prepare(setup: &mut Setup, variant: &Variant, bypass: &Path) -> anyhow::Result<()> {
+    match variant.kind {
+        Kind::Direct => {}
+        Kind::Bypass { rules, log, .. } => {
+            eprintln!("xtask: attaching bypass for `{}`", variant.name);
+            let args = attach_args(rules, log);
+            setup.attached = Some(Attached::start(bypass, setup.cgroup.path(), &args)?);
+        }
+        Kind::Iptables => {
+            let (dport, to) = (
+                REDIRECTED_PORT.to_string(),
+                service(SERVER_PORT).to_string(),
+            );
+            let rule = [
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                "10.0.0.22",
+                "--dport",
+                &dport,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ];
+            setup.netns.exec(&rule).context(
+                "cannot add the iptables DNAT rule; install the Debian package iptables",
+            )?;
+        }
+        Kind::Socat => {
+            let socat = Socat::start(&setup.netns, service(SOCAT_PORT), service(SERVER_PORT))?;
+            setup.socat = Some(socat);
+        }
+    }
+    Ok(())
 }
 
 fn service(port: u16) -> SocketAddr {

@@ -48,13 +48,14 @@ fn markdown(command: &str, results: &Results, checks: &[Check], roles: &Roles) -
 }
 
 const METHOD: &str = "\
-- Two private network namespaces with 10.0.0.22 on their `lo`; a server (two threads that
-  accept, read to EOF and close) listens on 10.0.0.22:3000 in each. Nothing leaves them.
+- A private network namespace per variant, with 10.0.0.22 on its `lo` and a server (two
+  threads that accept, read to EOF and close) on 10.0.0.22:3000. Nothing leaves them, and
+  one variant's TIME_WAIT sockets or connection tracking cannot slow another down.
 - Variants: a direct connect to :3000 (the limit); `bypass attach` on the client's cgroup
   with the rule 10.0.0.22:80=:3000, with its default hit log, with `--log-rate 0`, and
-  with 1,000 and 100,000 rules; a connect from a bypass cgroup to :3000, which no rule
-  matches; iptables `nat OUTPUT` DNAT of :80 to :3000 (in the second namespace, because
-  its connection tracking would slow the others); socat `TCP-LISTEN:8080,fork` to :3000.
+  with 1,000 and 100,000 rules (the default log); a connect from a bypass cgroup to :3000,
+  which no rule matches; iptables `nat OUTPUT` DNAT of :80 to :3000; socat
+  `TCP-LISTEN:8080,fork` relaying to :3000.
 - Clients are `xtask bench-client` processes, started in the variant's own cgroup and
   namespace. Variants take turns in every round, each round one variant later; cells show
   the median over the rounds and the (min..max) of the rounds.
