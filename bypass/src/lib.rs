@@ -11,6 +11,7 @@ pub mod config;
 pub mod exit;
 pub mod generate;
 pub mod hitlog;
+mod kernel_btf;
 pub mod live;
 pub mod loader;
 pub mod names;

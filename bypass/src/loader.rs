@@ -145,14 +145,17 @@ impl Redirector {
         let log_level: u8 = if options.log_rate == 0 { 0 } else { 0xff };
         // One slot more than --max-rules, for the temporary rule of the check after attaching.
         let capacity = options.max_rules.saturating_add(1);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(RULES4_MAP, capacity)
-            .map_max_entries(RULES6_MAP, capacity)
-            .map_max_entries(HITS_MAP, capacity)
-            .override_global(LOG_RATE_GLOBAL, &options.log_rate, true)
-            .override_global(aya_log::LEVEL, &log_level, false)
-            .load(EBPF_OBJECT)
-            .map_err(object_error)?;
+        // The programs need no relocation against kernel types: skip parsing the kernel's BTF.
+        let mut ebpf = crate::kernel_btf::without_kernel_btf(|| {
+            EbpfLoader::new()
+                .map_max_entries(RULES4_MAP, capacity)
+                .map_max_entries(RULES6_MAP, capacity)
+                .map_max_entries(HITS_MAP, capacity)
+                .override_global(LOG_RATE_GLOBAL, &options.log_rate, true)
+                .override_global(aya_log::LEVEL, &log_level, false)
+                .load(EBPF_OBJECT)
+        })
+        .map_err(object_error)?;
 
         let mut loaded = Vec::new();
         for &(name, required, lost) in PROGRAMS {
