@@ -10,7 +10,7 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_get_socket_cookie,
@@ -30,11 +30,15 @@ use bypass_common::{
 /// Return value that lets the syscall proceed. (0 would fail it with `EPERM`.)
 const ALLOW: i32 = 1;
 
+// Not preallocated: creating a preallocated map of 16,384 entries took milliseconds of every
+// start, and rules change only from user space, where the allocation costs nothing visible.
 #[map]
-static RULES4: HashMap<RuleKey4, RuleTarget4> = HashMap::with_max_entries(DEFAULT_MAX_RULES, 0);
+static RULES4: HashMap<RuleKey4, RuleTarget4> =
+    HashMap::with_max_entries(DEFAULT_MAX_RULES, BPF_F_NO_PREALLOC);
 
 #[map]
-static RULES6: HashMap<RuleKey6, RuleTarget6> = HashMap::with_max_entries(DEFAULT_MAX_RULES, 0);
+static RULES6: HashMap<RuleKey6, RuleTarget6> =
+    HashMap::with_max_entries(DEFAULT_MAX_RULES, BPF_F_NO_PREALLOC);
 
 #[map]
 static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
