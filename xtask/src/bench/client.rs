@@ -57,8 +57,9 @@ pub struct Report {
     pub count: u64,
     /// Wall time from the first connect to the last close, in seconds.
     pub seconds: f64,
-    /// Median and 99th percentile of the connect() call, in nanoseconds.
+    /// Median duration of the connect() call, in nanoseconds.
     pub p50_ns: u64,
+    /// 99th percentile of the connect() call, in nanoseconds.
     pub p99_ns: u64,
     /// Bytes sent in stream mode.
     pub bytes: u64,

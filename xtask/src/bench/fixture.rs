@@ -20,8 +20,10 @@ use anyhow::{Context as _, bail};
 
 /// Threads that accept and drain connections in the server.
 const SERVER_THREADS: usize = 2;
-/// Listen backlog of the server (capped by the namespace's net.core.somaxconn, 4096).
-const SERVER_BACKLOG: i32 = 4096;
+/// Listen backlog of the server: more than the connections of one client run, so a run never
+/// waits for the server, which shares the CPUs with the clients. [`Netns::create`] raises
+/// the namespace's net.core.somaxconn to match.
+const SERVER_BACKLOG: i32 = 65_535;
 /// Read buffer of each server thread.
 const SERVER_BUFFER: usize = 256 * 1024;
 

@@ -107,12 +107,12 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 5,
+    rounds: 7,
     connects: 10_000,
     end_to_end: 5_000,
     concurrent: 2_000,
     stream_bytes: 2 << 30,
-    stream_rounds: 3,
+    stream_rounds: 7,
     kernel_rounds: 3,
     starts: 10,
     seconds: 3.0,
