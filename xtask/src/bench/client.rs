@@ -33,7 +33,7 @@ pub enum Mode {
 pub struct ClientArgs {
     #[arg(long, value_enum)]
     pub mode: Mode,
-    /// Where to connect.
+    /// Server address to connect to.
     #[arg(long)]
     pub addr: SocketAddr,
     /// Connections per thread.

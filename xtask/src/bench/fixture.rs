@@ -47,6 +47,8 @@ impl Netns {
             "-w",
             "net.ipv4.ip_local_port_range=1024 65000",
         ])?;
+        let somaxconn = format!("net.core.somaxconn={SERVER_BACKLOG}");
+        netns.exec(&["sysctl", "-q", "-w", &somaxconn])?;
         Ok(netns)
     }
 

@@ -1,5 +1,5 @@
-//! The bench's private network: per variant a namespace with a server and a cgroup, plus
-//! the `bypass attach` processes, the iptables rule and socat; and the client runs in it.
+//! The bench's private network and the client runs in it. Every variant has a namespace
+//! with a server and a cgroup, plus its `bypass attach` process, iptables rule or socat.
 
 use std::{
     fmt::Write as _,
@@ -25,7 +25,7 @@ const REDIRECTED_PORT: u16 = 80;
 /// The port socat listens on; it relays to [`SERVER_PORT`].
 const SOCAT_PORT: u16 = 8080;
 
-/// How a variant reaches the server.
+/// The path of a variant's connections to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Direct,
@@ -68,7 +68,7 @@ pub struct Lab {
     client: PathBuf,
 }
 
-/// What a client run needs.
+/// Parameters of one client run.
 pub struct ClientRun {
     pub mode: Mode,
     pub count: usize,
@@ -270,20 +270,15 @@ pub fn attach_args(rules: usize, log: bool) -> Vec<String> {
             "--rule=10.{b}.{c}.{d}:{REDIRECTED_PORT}=:{SERVER_PORT}"
         ));
     }
-    args.push(format!(
-        "--max-rules={}",
-        rules.max(bypass_default_max_rules())
-    ));
+    args.push(format!("--max-rules={}", rules.max(DEFAULT_MAX_RULES)));
     if !log {
         args.push("--log-rate=0".into());
     }
     args
 }
 
-/// bypass's default rule map capacity; larger rule sets raise it.
-fn bypass_default_max_rules() -> usize {
-    16_384
-}
+/// bypass's default `--max-rules`; larger rule sets raise it.
+const DEFAULT_MAX_RULES: usize = 16_384;
 
 #[cfg(test)]
 mod tests {

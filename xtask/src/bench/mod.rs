@@ -1,12 +1,13 @@
 //! `cargo xtask bench`: bypass against a direct connection, iptables DNAT and socat.
 //!
-//! Everything runs in two private network namespaces with 10.0.0.22 on their `lo`, and the
+//! Every variant runs in a private network namespace with 10.0.0.22 on its `lo`, and the
 //! clients (this binary's `bench-client`) run in cgroups the bench made. Variants take turns
 //! in every round, each round starting one variant later, so slow drifts of the machine
-//! spread over all of them; the table shows medians over the rounds with min..max.
+//! spread over all of them. The table shows medians over the rounds with min..max.
 
 mod client;
 mod fixture;
+mod interrupt;
 mod lab;
 mod page;
 mod report;
@@ -102,7 +103,7 @@ struct Plan {
     stream_rounds: usize,
     kernel_rounds: usize,
     starts: usize,
-    /// Longest a single client run may take; slow variants (socat) stop early.
+    /// Maximum duration of one client run, in seconds; slow variants (socat) stop early.
     seconds: f64,
 }
 
@@ -138,6 +139,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("the bench loads eBPF programs and makes network namespaces; run it as root");
     }
     let plan = if args.quick { QUICK } else { FULL };
+    interrupt::install();
     let root = workspace_root();
     crate::run(crate::cargo().args([
         "build",
@@ -253,6 +255,7 @@ fn measure_variant(
         lab.run_client(variant, index, &run)
             .with_context(|| format!("variant `{}`", variant.name))
     };
+    interrupt::check()?;
     let connect = run(Mode::Connect, plan.connects, 1, 0)?;
     results.add(index, Figure::ConnectRate, connect.rate());
     results.add(index, Figure::ConnectP50, connect.p50_ns as f64);
@@ -277,6 +280,7 @@ fn measure_kernel_time(lab: &Lab, plan: &Plan, results: &mut Results) -> anyhow:
             if !matches!(variant.kind, Kind::Bypass { .. }) {
                 continue;
             }
+            interrupt::check()?;
             let (count_before, time_before) = connect4_stats(lab.cgroup(index))?;
             let run = ClientRun {
                 mode: Mode::Connect,
@@ -311,6 +315,7 @@ fn measure_starts(bypass: &Path, plan: &Plan, results: &mut Results) -> anyhow::
         &format!("bypass-bench-start-{}", std::process::id()),
     )?;
     for _ in 0..plan.starts {
+        interrupt::check()?;
         let attached = Attached::start(bypass, cgroup.path(), &[])?;
         let (rss, peak) = memory_kib(attached.process.pid())?;
         results.add_start(StartFigure::Attached, attached.startup.as_secs_f64() * 1e3);
