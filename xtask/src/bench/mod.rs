@@ -108,12 +108,12 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 7,
+    rounds: 9,
     connects: 10_000,
     end_to_end: 5_000,
     concurrent: 2_000,
     stream_bytes: 2 << 30,
-    stream_rounds: 7,
+    stream_rounds: 5,
     kernel_rounds: 3,
     starts: 10,
     seconds: 3.0,
