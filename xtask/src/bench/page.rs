@@ -51,8 +51,7 @@ const METHOD: &str = "\
 - A private network namespace per variant, with 10.0.0.22 on its `lo` and a server (two
   threads that accept, read to EOF and close) on 10.0.0.22:3000. Nothing leaves them, and
   one variant's connection tracking cannot slow another down. The namespaces keep no
-  TIME_WAIT sockets (`net.ipv4.tcp_max_tw_buckets=0`), whose number made connect()'s port
-  search, and so the end-to-end rate, vary threefold between rounds.
+  TIME_WAIT sockets (`net.ipv4.tcp_max_tw_buckets=0`), so the loops never run out of ports.
 - Variants: a direct connect to :3000 (the limit); `bypass attach` on the client's cgroup
   with the rule 10.0.0.22:80=:3000, with its default hit log, with `--log-rate 0`, and
   with 1,000 and 100,000 rules (the default log); a connect from a bypass cgroup to :3000,
@@ -62,7 +61,8 @@ const METHOD: &str = "\
   namespace. Variants take turns in every round, each round one variant later; cells show
   the median over the rounds and the (min..max) of the rounds.
 - connect/s: sequential connect() and close() with SO_LINGER 0 (a reset, so no TIME_WAIT).
-  end-to-end/s: connect(), shutdown(SHUT_WR), read to EOF, close(). p50/p99: the connect()
+  end-to-end/s: connect(), shutdown(SHUT_WR), read to EOF, close(); it waits for the server
+  thread twice per connection, so the scheduler makes it the noisiest figure. p50/p99: the connect()
   call of the connect/s loop. 8 clients: the connect/s loop on 8 threads at once. stream:
   one connection sending 2 GiB (64 MiB with `--quick`). Runs stop early after 3 s.
 - In-kernel ns/call: `run_time_ns / run_cnt` of connect4 (from `bpftool prog show`) over a
