@@ -27,7 +27,6 @@ pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
     }
     if rules.is_empty() {
         rules = RuleSet::default_rules();
-        log::info!("no --rule or --config given; using the default rule");
     }
     Ok(rules)
 }
@@ -40,6 +39,10 @@ pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirecto
         log_rate: args.log_rate,
     };
     let redirector = Redirector::load(rules, options)?;
+    // Said only now, so a usage error found earlier stays the only line on stderr.
+    if rules.iter().all(|(_, origin)| *origin == Origin::Default) {
+        log::info!("no --rule or --config given; using the default rule");
+    }
     for (rule_id, (rule, origin)) in rules.iter().enumerate() {
         log::info!("rule {rule_id}: {rule} ({origin})");
     }
