@@ -88,7 +88,7 @@ pub fn parse(text: &str, path: &str, rules: &mut RuleSet) -> Result<(), ConfigEr
     let file: ConfigFile = toml::from_str(text).map_err(|err| ConfigError::Syntax {
         path: path.to_owned(),
         line: err.span().map_or(1, |span| line_of(text, span.start)),
-        message: err.message().trim_end().to_owned(),
+        message: one_line(err.message()),
     })?;
 
     for table in file.rule {
@@ -114,6 +114,17 @@ pub fn parse(text: &str, path: &str, rules: &mut RuleSet) -> Result<(), ConfigEr
         )?;
     }
     Ok(())
+}
+
+/// Joins the lines of a toml message ("invalid string\nexpected `\"`, `'`") with "; ", so
+/// the error stays one line.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join("; ")
 }
 
 /// Returns the 1-based line number of byte `offset` in `text`.
@@ -172,6 +183,7 @@ mod tests {
             message.starts_with("invalid config file bypass.toml, line 3: "),
             "{message}"
         );
+        assert!(!message.contains('\n'), "not one line: {message}");
     }
 
     #[test]
