@@ -7,7 +7,7 @@ mod support;
 use std::{fs, os::unix::fs::PermissionsExt as _, path::Path};
 
 use support::{
-    Background, TempDir, attached_programs, bypass, created_cgroup, require_root, run_args, text,
+    Background, JobCgroup, TempDir, attached_programs, bypass, require_root, run_args, text,
     wait_until,
 };
 
@@ -17,8 +17,8 @@ fn run_sh(script: &str) -> (Option<i32>, String) {
     let command = ["sh".to_owned(), "-c".to_owned(), script.to_owned()];
     let output = bypass(&run_args(&["-r", "10.0.0.22:80=:3000"], &command));
     let stderr = text(&output.stderr);
-    let created = created_cgroup(&stderr).expect("a created cgroup line");
-    assert!(!created.exists(), "job cgroup left behind: {stderr}");
+    let created = JobCgroup::from_log(&stderr);
+    assert!(!created.path().exists(), "job cgroup left behind: {stderr}");
     (output.status.code(), stderr)
 }
 
@@ -99,8 +99,8 @@ fn unexecutable_file_exits_126() {
         last,
         format!("bypass: cannot execute {script}: Permission denied (os error 13)")
     );
-    let created = created_cgroup(&stderr).expect("a created cgroup line");
-    assert!(!created.exists(), "job cgroup left behind: {stderr}");
+    let created = JobCgroup::from_log(&stderr);
+    assert!(!created.path().exists(), "job cgroup left behind: {stderr}");
 }
 
 /// A shell script that records the signal it gets in DIR/got, then dies of it; it writes
@@ -130,8 +130,8 @@ fn signal_is_forwarded(test: &str, signal: i32, name: &str) {
         "command did not start: {}",
         bypass.stderr()
     );
-    let created = created_cgroup(&bypass.stderr()).expect("a created cgroup line");
-    let programs = attached_programs(&created);
+    let created = JobCgroup::from_log(&bypass.stderr());
+    let programs = attached_programs(created.path());
     assert!(
         programs.iter().any(|p| p == "connect4"),
         "not attached: {programs:?}"
@@ -151,7 +151,7 @@ fn signal_is_forwarded(test: &str, signal: i32, name: &str) {
         Some(128 + signal),
         "bypass exited with {status}: {stderr}"
     );
-    assert!(!created.exists(), "job cgroup left behind: {stderr}");
+    assert!(!created.path().exists(), "job cgroup left behind: {stderr}");
     assert!(
         stderr.contains("detached; removing cgroup"),
         "stderr: {stderr}"
@@ -168,6 +168,18 @@ fn sigint_reaches_command() {
     signal_is_forwarded("sigint_reaches_command", libc::SIGINT, "INT");
 }
 
+/// A process the test started, killed by pid on drop if it still runs.
+struct Daemon(libc::pid_t);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if Path::new("/proc").join(self.0.to_string()).exists() {
+            // SAFETY: a plain syscall on a process this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
 #[test]
 fn leftover_processes_are_killed() {
     if !require_root("leftover_processes_are_killed") {
@@ -175,19 +187,25 @@ fn leftover_processes_are_killed() {
     }
     let dir = TempDir::new();
     let pid_file = dir.path().join("pid");
-    // The command leaves a daemon behind in the job cgroup and exits at once.
-    let script = format!("sleep 300 & echo $! > {}; exit 0", pid_file.display());
+    // The command leaves a daemon behind in the job cgroup and exits at once. The daemon
+    // closes its output, so bypass's pipes end with bypass even if the daemon lives on.
+    let script = format!(
+        "sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {}; exit 0",
+        pid_file.display()
+    );
     let (code, stderr) = run_sh(&script);
+    let pid = fs::read_to_string(&pid_file).expect("daemon pid");
+    let daemon = Daemon(pid.trim().parse().expect("a pid"));
+
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert!(
         stderr.contains("killing 1 process(es) the command left"),
         "stderr: {stderr}"
     );
-    let pid = fs::read_to_string(&pid_file).expect("daemon pid");
-    let proc_dir = Path::new("/proc").join(pid.trim());
+    let proc_dir = Path::new("/proc").join(daemon.0.to_string());
     assert!(
         wait_until(|| !proc_dir.exists()),
         "daemon {} still runs: {stderr}",
-        pid.trim()
+        daemon.0
     );
 }

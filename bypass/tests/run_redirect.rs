@@ -4,8 +4,8 @@
 mod support;
 
 use support::{
-    Netns, TcpServer, TestCgroup, UdpEcho, bypass, count_lines, created_cgroup, require_root,
-    run_args, tcp_client, text, udp_client,
+    JobCgroup, Netns, TcpServer, TestCgroup, UdpEcho, bypass, count_lines, require_root, run_args,
+    tcp_client, text, udp_client,
 };
 
 const HIT_LINE: &str = "redirect connect4 tcp 10.0.0.22:80 -> 10.0.0.22:3000 rule 0";
@@ -247,7 +247,8 @@ fn parent_cgroup_holds_job() {
 
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     assert!(output.status.success(), "bypass run failed: {stderr}");
-    let created = created_cgroup(&stderr).expect("a created cgroup line");
+    let job = JobCgroup::from_log(&stderr);
+    let created = job.path();
     assert_eq!(created.parent(), Some(parent.path()), "stderr: {stderr}");
     let relative = created
         .strip_prefix(support::cgroup2_mount())

@@ -388,13 +388,19 @@ impl Attached {
     pub fn start(cgroup: &Path, args: &[&str]) -> Self {
         let mut command = Command::new(BYPASS);
         command.arg("attach").arg("--cgroup").arg(cgroup).args(args);
-        let mut attached = Self { process: Background::spawn(command) };
+        let mut attached = Self {
+            process: Background::spawn(command),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !attached.stderr().contains("redirecting; stop with") {
             if let Ok(Some(status)) = attached.process.child.try_wait() {
                 panic!("bypass attach exited with {status}:\n{}", attached.stderr());
             }
-            assert!(Instant::now() < deadline, "bypass attach did not start:\n{}", attached.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "bypass attach did not start:\n{}",
+                attached.stderr()
+            );
             thread::sleep(Duration::from_millis(10));
         }
         attached
@@ -494,7 +500,11 @@ impl Background {
                 }
             })
         };
-        Self { child, stderr, reader: Some(reader) }
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -519,8 +529,12 @@ impl Background {
 
     fn finish(&mut self) -> (ExitStatus, String) {
         let status = wait_timeout(&mut self.child, Duration::from_secs(10));
+        // A command that outlived bypass keeps the pipe open, so wait for the rest of the
+        // log only briefly.
         if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
+            if wait_until_for(Duration::from_secs(2), || reader.is_finished()) {
+                let _ = reader.join();
+            }
         }
         (status, self.stderr())
     }
@@ -536,8 +550,13 @@ impl Drop for Background {
 }
 
 /// Polls `condition` every 10 ms for at most 10 seconds; returns whether it became true.
-pub fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub fn wait_until(condition: impl FnMut() -> bool) -> bool {
+    wait_until_for(Duration::from_secs(10), condition)
+}
+
+/// Polls `condition` every 10 ms for at most `timeout`; returns whether it became true.
+pub fn wait_until_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if condition() {
             return true;
@@ -660,4 +679,35 @@ pub fn subdirectories(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A job cgroup that `bypass run` created: if bypass failed to remove it, the guard kills
+/// what is left inside and removes it on drop, so a failing test leaves nothing behind.
+pub struct JobCgroup {
+    path: PathBuf,
+}
+
+impl JobCgroup {
+    /// Takes the path from the "created cgroup PATH" line of `stderr`.
+    pub fn from_log(stderr: &str) -> Self {
+        let path = created_cgroup(stderr)
+            .unwrap_or_else(|| panic!("no \"created cgroup\" line in: {stderr}"));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for JobCgroup {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        wait_until_for(Duration::from_secs(2), || {
+            fs::remove_dir(&self.path).is_ok()
+        });
+    }
 }
