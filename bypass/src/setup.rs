@@ -6,7 +6,7 @@ use crate::{
     cli::RuleArgs,
     config,
     exit::UsageError,
-    loader::{self, LoadOptions, Redirector},
+    loader::{self, LoadError, LoadOptions, Redirector},
     rule::{Origin, Rule, RuleSet},
 };
 
@@ -38,7 +38,11 @@ pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirecto
         max_rules: args.max_rules,
         log_rate: args.log_rate,
     };
-    let redirector = Redirector::load(rules, options)?;
+    let redirector = Redirector::load(rules, options).map_err(|err| match err {
+        // More rules than --max-rules is the user's input, so `attach` exits with USAGE.
+        LoadError::TooManyRules { .. } => anyhow::Error::from(UsageError(err.into())),
+        other => other.into(),
+    })?;
     // Said only now, so a usage error found earlier stays the only line on stderr.
     if rules.iter().all(|(_, origin)| *origin == Origin::Default) {
         log::info!("no --rule or --config given; using the default rule");

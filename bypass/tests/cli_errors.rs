@@ -319,3 +319,41 @@ fn failed_create_leaves_nothing() {
         "something attached"
     );
 }
+
+#[test]
+fn too_many_rules() {
+    if !require_root("too_many_rules") {
+        return;
+    }
+    let cgroup = TestCgroup::new();
+    let dir = cgroup.path().display().to_string();
+    let rules = [
+        "--max-rules",
+        "1",
+        "-r",
+        "10.0.0.22:80=:3000",
+        "-r",
+        "10.0.0.22:81=:3000",
+    ];
+    let line = "bypass: too many rules: 2 given, but the maps hold 1; raise the limit with \
+                --max-rules";
+
+    let mut attach = vec!["attach", "--cgroup", &dir];
+    attach.extend(rules);
+    assert_one_line(&bypass(&attach), USAGE, line);
+    assert_eq!(
+        attached_programs(cgroup.path()),
+        Vec::<String>::new(),
+        "something attached"
+    );
+
+    let mut run = vec!["run", "--parent-cgroup", &dir];
+    run.extend(rules);
+    run.extend(["--", "true"]);
+    assert_one_line(&bypass(&run), RUN_FAILED, line);
+    assert_eq!(
+        subdirectories(cgroup.path()),
+        Vec::<String>::new(),
+        "a cgroup was created"
+    );
+}
