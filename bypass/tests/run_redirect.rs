@@ -4,8 +4,8 @@
 mod support;
 
 use support::{
-    JobCgroup, Netns, TcpServer, TestCgroup, UdpEcho, bypass, count_lines, require_root, run_args,
-    tcp_client, text, udp_client,
+    JobCgroup, Netns, TcpServer, TestCgroup, UdpEcho, attached_programs, bypass, count_lines,
+    require_root, run_args, tcp_client, text, udp_client,
 };
 
 const HIT_LINE: &str = "redirect connect4 tcp 10.0.0.22:80 -> 10.0.0.22:3000 rule 0";
@@ -257,6 +257,11 @@ fn parent_cgroup_holds_job() {
         stdout.lines().find_map(|line| line.strip_prefix("0::")),
         Some(format!("/{}", relative.display()).as_str()),
         "the command ran outside the job cgroup; stderr: {stderr}"
+    );
+    let programs = attached_programs(parent.path());
+    assert!(
+        programs.is_empty(),
+        "attached to the parent: {programs:?}; {stderr}"
     );
     assert!(
         !created.exists(),
