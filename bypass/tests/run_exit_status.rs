@@ -130,6 +130,12 @@ fn signal_is_forwarded(test: &str, signal: i32, name: &str) {
         "command did not start: {}",
         bypass.stderr()
     );
+    // The log reader may lag behind the command.
+    assert!(
+        wait_until(|| bypass.stderr().contains("created cgroup")),
+        "no created cgroup line: {}",
+        bypass.stderr()
+    );
     let created = JobCgroup::from_log(&bypass.stderr());
     let programs = attached_programs(created.path());
     assert!(
