@@ -545,6 +545,11 @@ impl Drop for Background {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            // Killed bypass cleans nothing up: remove the job cgroup and what runs in it.
+            wait_until_for(Duration::from_secs(1), || self.stderr().contains("created cgroup "));
+            if created_cgroup(&self.stderr()).is_some() {
+                drop(JobCgroup::from_log(&self.stderr()));
+            }
         }
     }
 }
