@@ -172,8 +172,8 @@ impl ForwardedSignals {
     }
 }
 
-/// Waits for the command, passing the forwarded signals on to it; one that arrived before
-/// the command started is passed on as soon as it runs.
+/// Waits for the command and passes the forwarded signals on to it. A signal that arrived
+/// before the command started is passed on as soon as it runs.
 ///
 /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and once
 /// from bypass, as with `timeout`; commands that take a second SIGINT as "force" may notice.
