@@ -306,6 +306,10 @@ fn count_hit(rule_id: u32) {
 #[inline(always)]
 fn admit_log_line() -> bool {
     let rate = LOG_RATE.load();
+    if rate == 0 {
+        // The hit log is off, so nothing is rate-limited either.
+        return false;
+    }
     let admitted = match LOG_WINDOW.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, as in `count_hit`.
         Some(window) => unsafe { (*window).admit(bpf_ktime_get_ns(), rate) },

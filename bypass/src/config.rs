@@ -186,6 +186,7 @@ mod tests {
             message.starts_with("invalid config file bypass.toml, line 3: "),
             "{message}"
         );
+        assert!(!message.contains('\n'), "not one line: {message}");
     }
 
     #[test]

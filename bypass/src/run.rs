@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     process::{Child, Command},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 
 use crate::{
@@ -63,6 +63,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => cgroup::own_cgroup(&mount)?,
     };
 
+    // Installed before the command starts: a signal that came earlier would kill bypass
+    // with its default action and leave the command running in the cgroup.
+    let mut signals = ForwardedSignals::install()?;
     let mut redirector = setup::load(&args.rules, &rules)?;
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
@@ -75,7 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let _record = record::Running::write(cgroup.path(), &redirector);
     let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
-        Ok(child) => Ok(wait_forwarding_signals(child).await?),
+        Ok(child) => Ok(wait_forwarding_signals(child, &mut signals).await?),
         Err(err) => Err(err),
     };
 
@@ -159,23 +162,43 @@ fn spawn_in_cgroup(
     Ok(child)
 }
 
-/// Waits for the command, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
+/// The signals `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+struct ForwardedSignals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+    quit: Signal,
+}
+
+impl ForwardedSignals {
+    /// Replaces the default actions, so these signals no longer end bypass.
+    fn install() -> anyhow::Result<Self> {
+        let handler = |kind| signal(kind).context("cannot install a signal handler");
+        Ok(Self {
+            interrupt: handler(SignalKind::interrupt())?,
+            terminate: handler(SignalKind::terminate())?,
+            hangup: handler(SignalKind::hangup())?,
+            quit: handler(SignalKind::quit())?,
+        })
+    }
+}
+
+/// Waits for the command and passes the forwarded signals on to it. A signal that arrived
+/// before the command started is passed on as soon as it runs.
 ///
 /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and once
 /// from bypass, as with `timeout`; commands that take a second SIGINT as "force" may notice.
-async fn wait_forwarding_signals(mut child: Child) -> anyhow::Result<ExitStatus> {
-    let handler = |kind| signal(kind).context("cannot install a signal handler");
-    let mut interrupt = handler(SignalKind::interrupt())?;
-    let mut terminate = handler(SignalKind::terminate())?;
-    let mut hangup = handler(SignalKind::hangup())?;
-    let mut quit = handler(SignalKind::quit())?;
+async fn wait_forwarding_signals(
+    mut child: Child,
+    signals: &mut ForwardedSignals,
+) -> anyhow::Result<ExitStatus> {
     loop {
         let signal = tokio::select! {
             status = child.wait() => return Ok(status?),
-            _ = interrupt.recv() => libc::SIGINT,
-            _ = terminate.recv() => libc::SIGTERM,
-            _ = hangup.recv() => libc::SIGHUP,
-            _ = quit.recv() => libc::SIGQUIT,
+            _ = signals.interrupt.recv() => libc::SIGINT,
+            _ = signals.terminate.recv() => libc::SIGTERM,
+            _ = signals.hangup.recv() => libc::SIGHUP,
+            _ = signals.quit.recv() => libc::SIGQUIT,
         };
         // `id()` is None once the child was reaped, so a reused pid is never signalled.
         if let Some(pid) = child.id() {

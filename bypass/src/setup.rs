@@ -6,7 +6,7 @@ use crate::{
     cli::RuleArgs,
     config,
     exit::UsageError,
-    loader::{self, LoadOptions, Redirector},
+    loader::{self, LoadError, LoadOptions, Redirector},
     names,
     rule::{Origin, RuleSet},
 };
@@ -28,7 +28,6 @@ pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
     }
     if rules.is_empty() {
         rules = RuleSet::default_rules();
-        log::info!("no --rule or --config given; using the default rule");
     }
     Ok(rules)
 }
@@ -40,7 +39,15 @@ pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirecto
         max_rules: args.max_rules,
         log_rate: args.log_rate,
     };
-    let redirector = Redirector::load(rules, options)?;
+    let redirector = Redirector::load(rules, options).map_err(|err| match err {
+        // More rules than --max-rules is the user's input, so `attach` exits with USAGE.
+        LoadError::TooManyRules { .. } => anyhow::Error::from(UsageError(err.into())),
+        other => other.into(),
+    })?;
+    // Said only now, so a usage error found earlier stays the only line on stderr.
+    if rules.iter().all(|(_, origin)| *origin == Origin::Default) {
+        log::info!("no --rule or --config given; using the default rule");
+    }
     for (rule_id, (rule, origin)) in rules.iter().enumerate() {
         log::info!("rule {rule_id}: {rule} ({origin})");
     }

@@ -87,7 +87,7 @@ fn more_rules_than_max_is_rejected() {
     let mut attach = Command::new(BYPASS);
     attach.args(["attach", "--max-rules", "4", "--cgroup"]).arg(cgroup.path());
     let output = attach.arg("--config").arg(config.path()).output().expect("run bypass");
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
     assert_eq!(attached_program_ids(cgroup.path()), Vec::<u32>::new());
 

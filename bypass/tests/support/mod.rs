@@ -839,3 +839,241 @@ pub fn run_outside(argv: &[String]) -> Output {
         .output()
         .unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
 }
+
+/// A bypass process in the background with its stderr collected, for `run` tests that
+/// signal bypass or look at its log while the command still runs. Killed by pid on drop.
+pub struct Background {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts `bypass ARGS` with stdout discarded and stderr collected.
+    pub fn start(args: &[&str]) -> Self {
+        let mut command = Command::new(BYPASS);
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts `command` with stdout discarded and stderr collected.
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bypass");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let reader = {
+            let stderr = stderr.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut text = stderr.lock().expect("stderr lock");
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            })
+        };
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything bypass wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Sends `signal` to bypass.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signals our own child, which has not been reaped.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the exit (at most 10 seconds); returns the status and the whole stderr.
+    pub fn wait(mut self) -> (ExitStatus, String) {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> (ExitStatus, String) {
+        let status = wait_timeout(&mut self.child, Duration::from_secs(10));
+        // A command that outlived bypass keeps the pipe open, so wait for the rest of the
+        // log only briefly.
+        if let Some(reader) = self.reader.take() {
+            if wait_until_for(Duration::from_secs(2), || reader.is_finished()) {
+                let _ = reader.join();
+            }
+        }
+        (status, self.stderr())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            // Killed bypass cleans nothing up: remove the job cgroup and what runs in it.
+            wait_until_for(Duration::from_secs(1), || self.stderr().contains("created cgroup "));
+            if created_cgroup(&self.stderr()).is_some() {
+                drop(JobCgroup::from_log(&self.stderr()));
+            }
+        }
+    }
+}
+
+/// Polls `condition` every 10 ms for at most `timeout`; returns whether it became true.
+pub fn wait_until_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    condition()
+}
+
+/// Returns the path of the "created cgroup PATH" line of a `bypass run` log.
+pub fn created_cgroup(stderr: &str) -> Option<PathBuf> {
+    stderr.lines().find_map(|line| {
+        line.split_once("created cgroup ")
+            .map(|(_, path)| PathBuf::from(path.trim()))
+    })
+}
+
+/// Returns how many lines of `stderr` contain `text`.
+pub fn count_lines(stderr: &str, text: &str) -> usize {
+    stderr.lines().filter(|line| line.contains(text)).count()
+}
+
+/// A python3 script that makes `count` TCP connections to HOST:PORT (argv 1 and 2), reads
+/// the server's line from each, and prints one line per connection: the reply, or
+/// `refused` when the connection was refused.
+pub const PY_TCP_CLIENT: &str = r#"
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    try:
+        with socket.create_connection((host, port), timeout=5) as s:
+            print(s.makefile().readline().strip())
+    except ConnectionRefusedError:
+        print("refused")
+"#;
+
+/// A python3 script that sends one UDP datagram to HOST:PORT and prints the reply.
+pub const PY_UDP_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"ping")
+print(s.recv(1500).decode())
+"#;
+
+/// The command line of the python3 TCP client inside `netns`: `count` connections to
+/// HOST:PORT.
+pub fn tcp_client(netns: &Netns, host: &str, port: u16, count: u32) -> Vec<String> {
+    let (port, count) = (port.to_string(), count.to_string());
+    netns.command_line(&["python3", "-c", PY_TCP_CLIENT, host, &port, &count])
+}
+
+/// The command line of the python3 UDP client inside `netns`.
+pub fn udp_client(netns: &Netns, host: &str, port: u16) -> Vec<String> {
+    netns.command_line(&["python3", "-c", PY_UDP_CLIENT, host, &port.to_string()])
+}
+
+/// `bypass run ARGS -- COMMAND` as one argument list.
+pub fn run_args<'a>(args: &[&'a str], command: &'a [String]) -> Vec<&'a str> {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.push("--");
+    all.extend(command.iter().map(String::as_str));
+    all
+}
+
+/// The lines of stderr, for messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A directory under the system temp directory, removed with its contents on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique_name("bypass-test"));
+        fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` in this directory and returns its path as a string.
+    pub fn file(&self, name: &str, contents: &str) -> String {
+        let path = self.path.join(name);
+        fs::write(&path, contents).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        path.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Returns the names of the directories right under `dir`: the child cgroups of a cgroup.
+pub fn subdirectories(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().is_dir())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A job cgroup that `bypass run` created: if bypass failed to remove it, the guard kills
+/// what is left inside and removes it on drop, so a failing test leaves nothing behind.
+pub struct JobCgroup {
+    path: PathBuf,
+}
+
+impl JobCgroup {
+    /// Takes the path from the "created cgroup PATH" line of `stderr`.
+    pub fn from_log(stderr: &str) -> Self {
+        let path = created_cgroup(stderr)
+            .unwrap_or_else(|| panic!("no \"created cgroup\" line in: {stderr}"));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for JobCgroup {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        wait_until_for(Duration::from_secs(2), || {
+            fs::remove_dir(&self.path).is_ok()
+        });
+    }
+}
