@@ -30,7 +30,7 @@ const LINK_PREFIX: &str = "link_";
 pub enum PinError {
     #[error(
         "invalid pin name `{0}`: use 1 to {MAX_NAME_LEN} ASCII letters, digits, '-' or '_' \
-         (the BPF file system refuses '.')"
+         (the BPF file system rejects '.')"
     )]
     InvalidName(String),
     #[error("an attachment named `{0}` is already pinned; detach it first (`bypass detach {0}`)")]
@@ -69,7 +69,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinE
     }
 }
 
-/// Checks a pin name: it becomes a directory name on the BPF file system, which refuses
+/// Checks a pin name: it becomes a directory name on the BPF file system, which rejects
 /// any name with a '.', so no '/', no "..", nothing hidden.
 pub fn validate_name(name: &str) -> Result<(), PinError> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
