@@ -11,6 +11,7 @@ use std::{
 use aya::programs::links::PinnedLink;
 
 use crate::{
+    exit::UsageError,
     loader::Redirector,
     record::{self, Record},
     rulemap,
@@ -28,8 +29,8 @@ const LINK_PREFIX: &str = "link_";
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
     #[error(
-        "invalid pin name `{0}`: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', \
-         not starting with '.'"
+        "invalid pin name `{0}`: use 1 to {MAX_NAME_LEN} ASCII letters, digits, '-' or '_' \
+         (the BPF file system rejects '.')"
     )]
     InvalidName(String),
     #[error("an attachment named `{0}` is already pinned; detach it first (`bypass detach {0}`)")]
@@ -68,14 +69,11 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinE
     }
 }
 
-/// Checks a pin name: it becomes a directory name, so no '/', no "..", nothing hidden.
+/// Checks a pin name: it becomes a directory name on the BPF file system, which rejects
+/// any name with a '.', so no '/', no "..", nothing hidden.
 pub fn validate_name(name: &str) -> Result<(), PinError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || name.starts_with('.')
-        || !name.chars().all(allowed)
-    {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(allowed) {
         return Err(PinError::InvalidName(name.to_owned()));
     }
     Ok(())
@@ -133,7 +131,11 @@ pub fn ensure_bpffs() -> Result<(), PinError> {
 }
 
 /// Pins the links and maps of an attached `redirector` as `name` and records its cgroup.
-/// On failure nothing stays pinned, and the caller's drop of `redirector` detaches.
+///
+/// Everything is pinned into a staging directory first, which one rename then turns into
+/// `NAME`: a loader killed half-way leaves no partial `NAME`, only a staging directory that
+/// the next `attach --pin` or `gc` removes. On failure nothing stays pinned, and the
+/// caller's drop of `redirector` detaches.
 pub fn pin(redirector: &mut Redirector, name: &str, cgroup: &Path) -> anyhow::Result<PathBuf> {
     validate_name(name)?;
     ensure_bpffs()?;
@@ -143,26 +145,132 @@ pub fn pin(redirector: &mut Redirector, name: &str, cgroup: &Path) -> anyhow::Re
         .mode(0o700)
         .create(&root)
         .map_err(io_error("create", &root))?;
+    sweep_staging();
     let dir = dir(name);
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(PinError::Exists(name.to_owned()).into());
-        }
-        result => result.map_err(io_error("create", &dir))?,
+    if dir.exists() {
+        return Err(PinError::Exists(name.to_owned()).into());
     }
-    let result = pin_into(redirector, &dir, cgroup, name);
+    let staging = Staging::new(name);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging.dir)
+        .map_err(io_error("create", &staging.dir))?;
+    let result = pin_into(redirector, &staging, cgroup).and_then(|()| commit(&staging, name));
     if result.is_err() {
-        let _ = remove(name);
+        let _ = remove_pins(&staging.dir);
+        let _ = fs::remove_file(&staging.record);
     }
     result.map(|()| dir)
 }
 
-fn pin_into(
-    redirector: &mut Redirector,
-    dir: &Path,
-    cgroup: &Path,
-    name: &str,
-) -> anyhow::Result<()> {
+/// Prefix of staging directories and records: `~staging-PID-START-NAME`, hidden from
+/// [`names`] because pin names cannot hold '~'.
+const STAGING_PREFIX: &str = "~staging-";
+
+/// Where one `attach --pin` builds its pin before the rename.
+struct Staging {
+    dir: PathBuf,
+    record: PathBuf,
+}
+
+impl Staging {
+    fn new(name: &str) -> Self {
+        let pid = std::process::id();
+        let start = record::process_start(pid).unwrap_or(0);
+        let stem = format!("{STAGING_PREFIX}{pid}-{start}-{name}");
+        Self {
+            dir: root().join(&stem),
+            record: record::pinned_dir().join(format!("{stem}.json")),
+        }
+    }
+}
+
+/// Returns the pin name in a staging file name whose loader is gone; `None` for anything
+/// else, staging files of live loaders included.
+fn abandoned_staging(file_name: &str) -> Option<&str> {
+    let rest = file_name.strip_prefix(STAGING_PREFIX)?;
+    let rest = rest.strip_suffix(".json").unwrap_or(rest);
+    let mut parts = rest.splitn(3, '-');
+    let pid: u32 = parts.next()?.parse().ok()?;
+    let start: u64 = parts.next()?.parse().ok()?;
+    let name = parts.next()?;
+    let alive = start != 0 && record::process_start(pid) == Some(start);
+    (!alive).then_some(name)
+}
+
+/// Cleans up after loaders killed during `attach --pin`: removes their staging directories,
+/// which may hold attached links, and finishes or drops their records.
+pub fn sweep_staging() {
+    for path in entries(&root()) {
+        let file_name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        if abandoned_staging(file_name).is_some() {
+            match remove_pins(&path) {
+                Ok(()) => log::info!("removed {}, left by a killed loader", path.display()),
+                Err(err) => log::warn!("cannot remove {}: {err:#}", path.display()),
+            }
+        }
+    }
+    for path in entries(&record::pinned_dir()) {
+        let file_name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        let Some(name) = abandoned_staging(file_name) else {
+            continue;
+        };
+        // The rename of the directory is the commit: a record whose pin made it is kept.
+        let _ = if validate_name(name).is_ok() && dir(name).exists() {
+            fs::rename(&path, record::pinned_path(name))
+        } else {
+            fs::remove_file(&path)
+        };
+    }
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir).map_or_else(
+        |_| Vec::new(),
+        |entries| {
+            entries
+                .filter_map(|entry| Some(entry.ok()?.path()))
+                .collect()
+        },
+    )
+}
+
+/// Renames the staging directory to `NAME` (never over an existing pin), then its record.
+fn commit(staging: &Staging, name: &str) -> anyhow::Result<()> {
+    let dir = dir(name);
+    let from = CString::new(staging.dir.as_os_str().as_encoded_bytes())?;
+    let to = CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings.
+    let result = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if result != 0 {
+        let err = io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::EEXIST | libc::ENOTEMPTY) => PinError::Exists(name.to_owned()),
+            _ => io_error("rename", &staging.dir)(err),
+        }
+        .into());
+    }
+    let record_path = record::pinned_path(name);
+    fs::rename(&staging.record, &record_path).map_err(io_error("write", &record_path))?;
+    Ok(())
+}
+
+fn pin_into(redirector: &mut Redirector, staging: &Staging, cgroup: &Path) -> anyhow::Result<()> {
+    let dir = staging.dir.as_path();
     // Permissions: bpffs takes the mode of the directory; make sure the group and others
     // cannot look in even if a umask or an earlier mkdir left it wider.
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error("chmod", dir))?;
@@ -180,10 +288,9 @@ fn pin_into(
             source,
         })?;
     }
-    let record_path = record::pinned_path(name);
     record
-        .write(&record_path)
-        .map_err(io_error("write", &record_path))?;
+        .write(&staging.record)
+        .map_err(io_error("write", &staging.record))?;
     Ok(())
 }
 
@@ -191,21 +298,10 @@ fn pin_into(
 pub fn remove(name: &str) -> Result<(), PinError> {
     validate_name(name)?;
     let dir = dir(name);
-    let entries = match fs::read_dir(&dir) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            return Err(PinError::NotFound(name.to_owned()));
-        }
-        result => result.map_err(io_error("read", &dir))?,
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .collect();
-    // Links first: once they are gone nothing runs that reads the maps.
-    files.sort_by_key(|path| !is_link_pin(path));
-    for file in files {
-        unpin(&file)?;
+    if !dir.exists() {
+        return Err(PinError::NotFound(name.to_owned()));
     }
-    fs::remove_dir(&dir).map_err(io_error("remove", &dir))?;
+    remove_pins(&dir)?;
     let record_path = record::pinned_path(name);
     match fs::remove_file(&record_path) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => {
@@ -214,6 +310,20 @@ pub fn remove(name: &str) -> Result<(), PinError> {
         _ => {}
     }
     Ok(())
+}
+
+/// Unpins everything in pin directory `dir`, links first, and removes it.
+fn remove_pins(dir: &Path) -> Result<(), PinError> {
+    let entries = fs::read_dir(dir).map_err(io_error("read", dir))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .collect();
+    // Links first: once they are gone nothing runs that reads the maps.
+    files.sort_by_key(|path| !is_link_pin(path));
+    for file in files {
+        unpin(&file)?;
+    }
+    fs::remove_dir(dir).map_err(io_error("remove", dir))
 }
 
 /// Removes one pin. A link is opened before its pin goes and closed after: the kernel
@@ -258,6 +368,7 @@ pub fn names() -> io::Result<Vec<String>> {
 /// `bypass detach NAME`.
 pub fn detach(name: &str) -> anyhow::Result<()> {
     require_privileges("detach")?;
+    validate_name(name).map_err(|err| UsageError(err.into()))?;
     let record = Record::read(&record::pinned_path(name)).ok();
     remove(name)?;
     match record {
@@ -270,6 +381,7 @@ pub fn detach(name: &str) -> anyhow::Result<()> {
 /// `bypass gc`: detaches every pinned attachment whose cgroup is gone; returns how many.
 pub fn gc() -> anyhow::Result<usize> {
     require_privileges("gc")?;
+    sweep_staging();
     let mut removed = 0;
     for name in names()? {
         let record = Record::read(&record::pinned_path(&name));
@@ -304,12 +416,13 @@ mod tests {
             "..",
             "../x",
             ".hidden",
+            "job.42",
             "sp ace",
             &"x".repeat(65),
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} should be rejected");
         }
-        for good in ["ci-job", "runner_1", "job.42", &"x".repeat(64)] {
+        for good in ["ci-job", "runner_1", "_job", &"x".repeat(64)] {
             assert!(validate_name(good).is_ok(), "{good:?} should be accepted");
         }
     }

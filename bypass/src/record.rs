@@ -4,8 +4,9 @@
 //! themselves, they live on a tmpfs and end with the boot.
 
 use std::{
-    fs, io,
-    os::unix::fs::DirBuilderExt as _,
+    fs,
+    io::{self, Write as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -73,7 +74,14 @@ impl Record {
         }
         let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
         let temporary = path.with_extension("tmp");
-        fs::write(&temporary, text)?;
+        // Root only, like the pins: the file names the cgroup and the maps.
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?
+            .write_all(text.as_bytes())?;
         fs::rename(&temporary, path)
     }
 
@@ -85,9 +93,12 @@ impl Record {
 
 /// The record file of the pinned attachment `name`.
 pub fn pinned_path(name: &str) -> PathBuf {
-    Path::new(RUN_DIR)
-        .join("pinned")
-        .join(format!("{name}.json"))
+    pinned_dir().join(format!("{name}.json"))
+}
+
+/// The directory of the records of pinned attachments.
+pub fn pinned_dir() -> PathBuf {
+    Path::new(RUN_DIR).join("pinned")
 }
 
 /// The directory of the records of foreground loaders.

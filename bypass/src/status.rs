@@ -10,6 +10,18 @@ use crate::{
     rulemap::{RuleMapError, RuleMaps},
 };
 
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "`bypass status` needs root (CAP_BPF and CAP_NET_ADMIN): without it, pinned \
+         attachments in {}/bypass and records of running loaders in {} are hidden (mode \
+         0700), and no rule or hit count can be read from the BPF maps; run it with sudo",
+        pin::BPFFS,
+        record::RUN_DIR
+    )]
+    NotPermitted,
+}
+
 /// One attachment as `status` shows it; also the `--json` format.
 #[derive(Debug, Serialize)]
 pub struct Attachment {
@@ -39,7 +51,7 @@ pub fn collect(name: Option<&str>) -> anyhow::Result<Vec<Attachment>> {
     let mut attachments = Vec::new();
     let names = match name {
         Some(name) => {
-            pin::validate_name(name)?;
+            pin::validate_name(name).map_err(|err| crate::exit::UsageError(err.into()))?;
             if !pin::dir(name).exists() {
                 return Err(pin::PinError::NotFound(name.to_owned()).into());
             }
@@ -151,7 +163,9 @@ pub fn render_text(attachments: &[Attachment]) -> String {
 
 /// `bypass status [NAME] [--json]`.
 pub fn status(name: Option<&str>, json: bool) -> anyhow::Result<()> {
-    pin::require_privileges("status")?;
+    if crate::loader::check_privileges().is_err() {
+        return Err(StatusError::NotPermitted.into());
+    }
     if !pin::is_bpffs(Path::new(pin::BPFFS)) {
         log::debug!("no BPF file system at {}, so nothing is pinned", pin::BPFFS);
     }

@@ -12,6 +12,11 @@ use crate::cgroup::{self, CgroupError};
 pub enum TargetError {
     #[error("no process with pid {pid}; check the pid, e.g. with `pgrep -a NAME`")]
     NoProcess { pid: u32 },
+    #[error(
+        "process {pid} has exited, so its cgroup is unknown; give a running process or \
+         --cgroup DIR"
+    )]
+    Exited { pid: u32 },
     #[error("cannot read /proc/{pid}/cgroup")]
     Read { pid: u32, source: io::Error },
     #[error(
@@ -41,14 +46,32 @@ pub fn resolve(
 
 /// Returns the cgroup v2 directory of process `pid`, under `mount`.
 pub fn cgroup_of_pid(pid: u32, mount: &Path) -> Result<PathBuf, TargetError> {
+    let started = crate::record::process_start(pid);
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|source| match source
         .kind()
     {
         io::ErrorKind::NotFound => TargetError::NoProcess { pid },
         _ => TargetError::Read { pid, source },
     })?;
+    // A process that has exited (a zombie) shows the root cgroup: check after the read
+    // that it was still the same, running process.
+    if started.is_none() || !is_running(pid) || crate::record::process_start(pid) != started {
+        return Err(TargetError::Exited { pid });
+    }
     let relative = cgroup::parse_proc_cgroup(&text).ok_or(TargetError::NoCgroup2 { pid })?;
     Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+/// Returns whether process `pid` exists and has not exited: its state in `/proc/PID/stat` is
+/// neither zombie (`Z`) nor dead (`X`).
+fn is_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
 }
 
 /// Returns the cgroup id of a cgroup v2 directory: its inode number, which is what the
