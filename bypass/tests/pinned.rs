@@ -186,6 +186,9 @@ fn kill_pinning_loader(cgroup: &TestCgroup, delay: Option<Duration>, tally: &mut
 
     let dir = Path::new(PIN_ROOT).join(&name);
     if dir.exists() {
+        // A kill between the two renames leaves the record under its staging name until the
+        // next sweep, which `gc` runs.
+        let _ = bypass(&["gc"]);
         let links = fs::read_dir(&dir)
             .expect("read pin directory")
             .filter_map(Result::ok)
