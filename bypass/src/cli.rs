@@ -11,6 +11,8 @@ RULES:
       --rule 10.0.0.22:80=:3000             tcp (the default protocol), same address
       --rule udp/10.0.0.53:53=127.0.0.1:5353
       --rule '[fd00::22]:80=[fd00::22]:3000'  IPv6 needs brackets
+      --rule registry.internal:80=10.0.0.22:3000  a host name in FROM is resolved once at
+                                            start; each of its addresses becomes a rule
   With no --rule and no --config, the rule is tcp/10.0.0.22:80=10.0.0.22:3000.
 
 EXIT STATUS:
