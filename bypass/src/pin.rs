@@ -76,7 +76,7 @@ pub fn validate_name(name: &str) -> Result<(), PinError> {
         || name.starts_with('.')
         || !name.chars().all(allowed)
     {
-        return Err(PinError::InvalidName(name.to_owned()));
+        return Err(PinError::InvalidName(crate::rule::printable(name)));
     }
     Ok(())
 }
@@ -312,5 +312,13 @@ mod tests {
         for good in ["ci-job", "runner_1", "job.42", &"x".repeat(64)] {
             assert!(validate_name(good).is_ok(), "{good:?} should be accepted");
         }
+    }
+
+    #[test]
+    fn invalid_name_is_quoted_on_one_line() {
+        let message = validate_name("a\nb\u{1b}[31m").unwrap_err().to_string();
+        assert!(!message.contains('\n'), "{message:?}");
+        assert!(!message.contains('\u{1b}'), "{message:?}");
+        assert!(message.contains("a\\nb\\u{1b}[31m"), "{message:?}");
     }
 }
