@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     process::{Child, Command},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 
 use crate::{
@@ -63,6 +63,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => cgroup::own_cgroup(&mount)?,
     };
 
+    // Catch the signals before the cgroup exists, so one that arrives while bypass sets up
+    // removes the cgroup instead of killing bypass with it in place.
+    let mut signals = Signals::install()?;
     let mut redirector = setup::load(&args.rules, &rules)?;
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
@@ -70,12 +73,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !args.no_verify {
         verify::verify(&redirector, cgroup.path())?;
     }
+    if let Some(signal) = signals.pending().await {
+        let name = Signals::name(signal);
+        log::warn!("{name} received before the command started; not starting it");
+        log::info!("detached; removing cgroup {}", cgroup.path().display());
+        return Ok(exit::SIGNAL_BASE.wrapping_add(signal as u8));
+    }
     let hit_log = HitLog::start(&mut redirector);
 
     let _record = record::Running::write(cgroup.path(), &redirector);
     let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
-        Ok(child) => Ok(wait_forwarding_signals(child).await?),
+        Ok(child) => Ok(signals.forward_until_exit(child).await?),
         Err(err) => Err(err),
     };
 
@@ -159,29 +168,74 @@ fn spawn_in_cgroup(
     Ok(child)
 }
 
-/// Waits for the command, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it.
-///
-/// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and once
-/// from bypass, as with `timeout`; commands that take a second SIGINT as "force" may notice.
-async fn wait_forwarding_signals(mut child: Child) -> anyhow::Result<ExitStatus> {
-    let handler = |kind| signal(kind).context("cannot install a signal handler");
-    let mut interrupt = handler(SignalKind::interrupt())?;
-    let mut terminate = handler(SignalKind::terminate())?;
-    let mut hangup = handler(SignalKind::hangup())?;
-    let mut quit = handler(SignalKind::quit())?;
-    loop {
-        let signal = tokio::select! {
-            status = child.wait() => return Ok(status?),
-            _ = interrupt.recv() => libc::SIGINT,
-            _ = terminate.recv() => libc::SIGTERM,
-            _ = hangup.recv() => libc::SIGHUP,
-            _ = quit.recv() => libc::SIGQUIT,
-        };
-        // `id()` is None once the child was reaped, so a reused pid is never signalled.
-        if let Some(pid) = child.id() {
-            log::debug!("passing signal {signal} on to pid {pid}");
-            // SAFETY: a plain syscall on our own child, which has not been reaped yet.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
+/// The signals that `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+    quit: Signal,
+}
+
+impl Signals {
+    /// Catches the signals from now on; until the command runs, they only queue up here.
+    fn install() -> anyhow::Result<Self> {
+        let handler = |kind| signal(kind).context("cannot install a signal handler");
+        Ok(Self {
+            interrupt: handler(SignalKind::interrupt())?,
+            terminate: handler(SignalKind::terminate())?,
+            hangup: handler(SignalKind::hangup())?,
+            quit: handler(SignalKind::quit())?,
+        })
+    }
+
+    /// The name of one of the signals caught here.
+    fn name(signal: i32) -> &'static str {
+        match signal {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGHUP => "SIGHUP",
+            _ => "SIGQUIT",
+        }
+    }
+
+    /// The next signal received, waiting for it.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
+            _ = self.quit.recv() => libc::SIGQUIT,
+        }
+    }
+
+    /// A signal received so far, without waiting. The yield lets the runtime's signal
+    /// driver hand over what arrived while bypass was busy setting up.
+    async fn pending(&mut self) -> Option<i32> {
+        tokio::task::yield_now().await;
+        tokio::select! {
+            biased;
+            signal = self.next() => Some(signal),
+            () = std::future::ready(()) => None,
+        }
+    }
+
+    /// Waits for the command, passing the signals on to it.
+    ///
+    /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and
+    /// once from bypass, as with `timeout`; commands that take a second SIGINT as "force" may
+    /// notice.
+    async fn forward_until_exit(&mut self, mut child: Child) -> anyhow::Result<ExitStatus> {
+        loop {
+            let signal = tokio::select! {
+                status = child.wait() => return Ok(status?),
+                signal = self.next() => signal,
+            };
+            // `id()` is None once the child was reaped, so a reused pid is never signalled.
+            if let Some(pid) = child.id() {
+                log::debug!("passing signal {signal} on to pid {pid}");
+                // SAFETY: a plain syscall on our own child, which has not been reaped yet.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
+            }
         }
     }
 }
