@@ -64,9 +64,8 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<bool> {
         .as_deref()
         .unwrap_or(Path::new("/proc/self/mountinfo"));
     let lines = run_checks(mountinfo);
-    for line in &lines {
-        println!("{line}");
-    }
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    crate::exit::print_stdout(&text)?;
     Ok(lines.iter().all(|line| line.verdict != Verdict::Fail))
 }
 

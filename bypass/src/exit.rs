@@ -18,3 +18,17 @@ pub const SIGNAL_BASE: u8 = 128;
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
 pub struct UsageError(#[from] pub anyhow::Error);
+
+/// Writes `text` to stdout. A reader that went away (`bypass status | head -1`) is not an
+/// error: the output is simply no longer wanted.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
+}

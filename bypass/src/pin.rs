@@ -72,9 +72,19 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinE
 /// Checks a pin name: it becomes a directory name on the BPF file system, which rejects
 /// any name with a '.', so no '/', no "..", nothing hidden.
 pub fn validate_name(name: &str) -> Result<(), PinError> {
+<<<<<<< HEAD
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
     if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(allowed) {
         return Err(PinError::InvalidName(name.to_owned()));
+=======
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || name.starts_with('.')
+        || !name.chars().all(allowed)
+    {
+        return Err(PinError::InvalidName(crate::rule::printable(name)));
+>>>>>>> trial
     }
     Ok(())
 }
@@ -425,5 +435,13 @@ mod tests {
         for good in ["ci-job", "runner_1", "_job", &"x".repeat(64)] {
             assert!(validate_name(good).is_ok(), "{good:?} should be accepted");
         }
+    }
+
+    #[test]
+    fn invalid_name_is_quoted_on_one_line() {
+        let message = validate_name("a\nb\u{1b}[31m").unwrap_err().to_string();
+        assert!(!message.contains('\n'), "{message:?}");
+        assert!(!message.contains('\u{1b}'), "{message:?}");
+        assert!(message.contains("a\\nb\\u{1b}[31m"), "{message:?}");
     }
 }

@@ -130,7 +130,7 @@ impl fmt::Display for Rule {
 
 /// Escapes control characters (`\n`, `\u{1b}`) in a value quoted back in a message, so that
 /// a config file cannot break an error into several lines or send terminal escapes.
-fn printable(value: &str) -> String {
+pub(crate) fn printable(value: &str) -> String {
     value
         .chars()
         .map(|c| {

@@ -63,9 +63,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => cgroup::own_cgroup(&mount)?,
     };
 
+<<<<<<< HEAD
     // Installed before the command starts: a signal that came earlier would kill bypass
     // with its default action and leave the command running in the cgroup.
     let mut signals = ForwardedSignals::install()?;
+=======
+    // Catch the signals before the cgroup exists, so one that arrives while bypass sets up
+    // removes the cgroup instead of killing bypass with it in place.
+    let mut signals = Signals::install()?;
+>>>>>>> trial
     let mut redirector = setup::load(&args.rules, &rules)?;
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
@@ -73,12 +79,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     if !args.no_verify {
         verify::verify(&redirector, cgroup.path())?;
     }
+    if let Some(signal) = signals.pending().await {
+        let name = Signals::name(signal);
+        log::warn!("{name} received before the command started; not starting it");
+        log::info!("detached; removing cgroup {}", cgroup.path().display());
+        return Ok(exit::SIGNAL_BASE.wrapping_add(signal as u8));
+    }
     let hit_log = HitLog::start(&mut redirector);
 
     let _record = record::Running::write(cgroup.path(), &redirector);
     let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
+<<<<<<< HEAD
         Ok(child) => Ok(wait_forwarding_signals(child, &mut signals).await?),
+=======
+        Ok(child) => Ok(signals.forward_until_exit(child).await?),
+>>>>>>> trial
         Err(err) => Err(err),
     };
 
@@ -162,16 +178,26 @@ fn spawn_in_cgroup(
     Ok(child)
 }
 
+<<<<<<< HEAD
 /// The signals `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
 struct ForwardedSignals {
+=======
+/// The signals that `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+struct Signals {
+>>>>>>> trial
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
     quit: Signal,
 }
 
+<<<<<<< HEAD
 impl ForwardedSignals {
     /// Replaces the default actions, so these signals no longer end bypass.
+=======
+impl Signals {
+    /// Catches the signals from now on; until the command runs, they only queue up here.
+>>>>>>> trial
     fn install() -> anyhow::Result<Self> {
         let handler = |kind| signal(kind).context("cannot install a signal handler");
         Ok(Self {
@@ -181,6 +207,7 @@ impl ForwardedSignals {
             quit: handler(SignalKind::quit())?,
         })
     }
+<<<<<<< HEAD
 }
 
 /// Waits for the command and passes the forwarded signals on to it. A signal that arrived
@@ -205,6 +232,57 @@ async fn wait_forwarding_signals(
             log::debug!("passing signal {signal} on to pid {pid}");
             // SAFETY: a plain syscall on our own child, which has not been reaped yet.
             unsafe { libc::kill(pid as libc::pid_t, signal) };
+=======
+
+    /// The name of one of the signals caught here.
+    fn name(signal: i32) -> &'static str {
+        match signal {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGHUP => "SIGHUP",
+            _ => "SIGQUIT",
+        }
+    }
+
+    /// The next signal received, waiting for it.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
+            _ = self.quit.recv() => libc::SIGQUIT,
+        }
+    }
+
+    /// A signal received so far, without waiting. The yield lets the runtime's signal
+    /// driver hand over what arrived while bypass was busy setting up.
+    async fn pending(&mut self) -> Option<i32> {
+        tokio::task::yield_now().await;
+        tokio::select! {
+            biased;
+            signal = self.next() => Some(signal),
+            () = std::future::ready(()) => None,
+        }
+    }
+
+    /// Waits for the command, passing the signals on to it.
+    ///
+    /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and
+    /// once from bypass, as with `timeout`; commands that take a second SIGINT as "force" may
+    /// notice.
+    async fn forward_until_exit(&mut self, mut child: Child) -> anyhow::Result<ExitStatus> {
+        loop {
+            let signal = tokio::select! {
+                status = child.wait() => return Ok(status?),
+                signal = self.next() => signal,
+            };
+            // `id()` is None once the child was reaped, so a reused pid is never signalled.
+            if let Some(pid) = child.id() {
+                log::debug!("passing signal {signal} on to pid {pid}");
+                // SAFETY: a plain syscall on our own child, which has not been reaped yet.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
+            }
+>>>>>>> trial
         }
     }
 }

@@ -171,9 +171,10 @@ pub fn status(name: Option<&str>, json: bool) -> anyhow::Result<()> {
     }
     let attachments = collect(name)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&attachments)?);
+        let json = serde_json::to_string_pretty(&attachments)?;
+        crate::exit::print_stdout(&format!("{json}\n"))?;
     } else {
-        print!("{}", render_text(&attachments));
+        crate::exit::print_stdout(&render_text(&attachments))?;
     }
     Ok(())
 }

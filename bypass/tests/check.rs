@@ -124,3 +124,20 @@ fn pin_commands_need_root() {
         assert!(stderr.contains(&expected), "{args:?}: {stderr}");
     }
 }
+
+/// `bypass check | head -1` and the like: a reader that went away is not a crash.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    for args in [&["check"][..], &["status"][..], &["status", "--json"][..]] {
+        let output = Command::new(BYPASS)
+            .args(args)
+            .stdout(writer.try_clone().expect("clone pipe"))
+            .output()
+            .expect("run bypass");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_ne!(output.status.code(), Some(101), "{args:?}: {stderr}");
+    }
+}

@@ -213,3 +213,62 @@ fn killed_run_leaves_command_unredirected() {
     // NOTE: the empty cgroup stays until someone removes it; the guard above does here.
     assert!(made[0].exists());
 }
+
+/// The cgroups that `run` made under `parent`.
+fn made_cgroups(parent: &Path) -> Vec<PathBuf> {
+    fs::read_dir(parent)
+        .expect("read parent cgroup")
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.is_dir())
+        .collect()
+}
+
+/// Freezes a cgroup and thaws it on drop, so that nothing stays frozen when a test fails.
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn new(cgroup: &Path) -> Self {
+        fs::write(cgroup.join("cgroup.freeze"), "1").expect("freeze the cgroup");
+        Self(cgroup.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0.join("cgroup.freeze"), "0");
+    }
+}
+
+/// SIGINT or SIGTERM while `run` attaches and checks, before the command starts, must not
+/// leave its cgroup behind, and the command must not start. A frozen parent cgroup holds
+/// `run` in its check for two seconds, which is the window the signal lands in.
+#[test]
+fn signal_during_run_startup_removes_its_cgroup() {
+    if !require_root("signal_during_run_startup_removes_its_cgroup") {
+        return;
+    }
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let parent = TestCgroup::new();
+        let _thaw = Frozen::new(parent.path());
+        let started = FlagFile::new("bypass-started");
+        let mut bypass = Command::new(BYPASS)
+            .args(["run", "--parent-cgroup"])
+            .arg(parent.path())
+            .args(["--", "touch", started.arg()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bypass run");
+        let mut made = Vec::new();
+        assert!(wait_until(Duration::from_secs(5), || {
+            made = made_cgroups(parent.path());
+            !made.is_empty()
+        }));
+        let _guard = RemoveOnDrop(made[0].clone());
+        // SAFETY: a plain syscall on our own child, which has not been reaped yet.
+        unsafe { libc::kill(bypass.id() as libc::pid_t, signal) };
+        let status = wait_timeout(&mut bypass, Duration::from_secs(10));
+        assert_eq!(status.signal(), None, "signal {signal} killed bypass: {status:?}");
+        assert!(!made[0].exists(), "signal {signal} left {}", made[0].display());
+        assert!(!Path::new(started.arg()).exists(), "the command ran after signal {signal}");
+    }
+}
