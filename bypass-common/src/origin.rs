@@ -1,89 +1,122 @@
 //! The reverse map: for each redirected socket, which destination the application asked for.
 //!
-//! A redirect records one entry keyed by the socket cookie and the new destination. The
-//! `recvmsg` and `getpeername` programs look up the socket's current peer there and, on a
-//! hit, report the original destination instead, so the application gets back the address it
-//! connected or sent to. The cookie keeps the mapping exact per socket even when two rules share one target.
+//! Every redirect records, in the socket's own local storage, the new destination and the
+//! original one. The `recvmsg` and `getpeername` programs look the socket's current peer up
+//! there and, on a hit, report the original destination instead, so the application gets
+//! back the address it connected or sent to. Being per socket keeps the mapping exact even
+//! when two rules share one target, and the kernel frees it with the socket.
+//!
+//! A socket keeps [`ORIGIN_SLOTS`] mappings, enough for an unconnected UDP socket that sends
+//! to a few redirected destinations. A new destination takes a free slot, then the oldest
+//! one; a destination already there gets its original updated in place.
 //!
 //! Addresses are stored in IPv6 form, IPv4 ones IPv4-mapped (`::ffff:a.b.c.d`), as four
 //! network-order words. An `AF_INET6` socket that talks to an IPv4 peer meets the same
 //! mapped form in `connect6`, `recvmsg6` and `getpeername6`, while its unconnected sends go
 //! through `sendmsg4`, so one form lets all of them share entries.
 //!
-//! NOTE: entries are not removed when a socket closes; the LRU map drops them when full.
-//! A socket that was redirected to T and later sends to T directly (an unconnected UDP socket,
-//! or one connected again) still sees replies from T as coming from the original address.
+//! NOTE: a socket that was redirected to T and later sends to T directly (an unconnected UDP
+//! socket, or one connected again) still sees replies from T as coming from the original
+//! address, until the mapping is pushed out by newer ones.
+//!
+//! NOTE: the storage is shared by all threads of the socket and written without a lock. Two
+//! threads that redirect sends of one socket at the same moment may take the same slot, and
+//! a reply read during such a write may see a mix of both mappings.
 
-/// Name of the LRU hash map `OriginKey -> Origin`.
+/// Name of the socket storage map (`BPF_MAP_TYPE_SK_STORAGE`) of [`SocketOrigins`].
 pub const ORIGINS_MAP: &str = "ORIGINS";
 
-/// Capacity of [`ORIGINS_MAP`]: redirected sockets remembered at once, about 2 MiB of
-/// locked kernel memory. When it is full, the least recently used entries are dropped first.
-pub const DEFAULT_MAX_ORIGINS: u32 = 16_384;
+/// Mappings one socket keeps; a power of two, so the oldest slot is a mask away.
+pub const ORIGIN_SLOTS: usize = 4;
 
-/// Key of the reverse map: one socket and the destination it was redirected to.
+/// One redirect of a socket: where it goes now, and where the application sent it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct OriginKey {
-    /// `bpf_get_socket_cookie()` of the socket; unique per socket until reboot.
-    pub cookie: u64,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginSlot {
     /// New destination address, IPv6 form, network byte order.
-    pub addr: [u32; 4],
-    /// New destination port, network byte order.
-    pub port: u16,
-    /// Always zero.
-    pub _pad: [u8; 6],
-}
-
-/// Value of the reverse map: the destination the application asked for.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Origin {
+    pub new_addr: [u32; 4],
     /// Original destination address, IPv6 form, network byte order.
     pub addr: [u32; 4],
+    /// New destination port, network byte order.
+    pub new_port: u16,
     /// Original destination port, network byte order.
     pub port: u16,
-    /// Always zero.
-    pub _pad: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<OriginKey>() == 32);
-const _: () = assert!(core::mem::size_of::<Origin>() == 20);
+/// Value of the socket storage map: the last [`ORIGIN_SLOTS`] redirects of one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOrigins {
+    /// Redirects recorded so far (wrapping); slot `n % ORIGIN_SLOTS` takes the next one.
+    pub written: u32,
+    /// The mappings; the first `min(written, ORIGIN_SLOTS)` are in use.
+    pub slots: [OriginSlot; ORIGIN_SLOTS],
+}
+
+const _: () = assert!(ORIGIN_SLOTS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<OriginSlot>() == 36);
+const _: () = assert!(core::mem::size_of::<SocketOrigins>() == 4 + 36 * ORIGIN_SLOTS);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: `repr(C)` integers only, every padding byte spelled out as a field.
-    unsafe impl aya::Pod for super::OriginKey {}
-    unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: `repr(C)` integers only, sizes asserted above: no padding byte anywhere.
+    unsafe impl aya::Pod for super::OriginSlot {}
+    unsafe impl aya::Pod for super::SocketOrigins {}
 }
 
-impl OriginKey {
-    /// Builds a key from a socket cookie, an IPv6-form address and the raw 32-bit
-    /// `bpf_sock_addr.user_port` (network-order port in its low 16 bits).
+impl SocketOrigins {
+    /// Records that the socket asked for `addr`:`user_port` and now talks to
+    /// `new_addr`:`new_user_port`. Addresses are in IPv6 form. Ports are raw 32-bit
+    /// `bpf_sock_addr.user_port` values, with the network-order port in the low 16 bits.
     #[inline(always)]
-    pub fn new(cookie: u64, addr: [u32; 4], user_port: u32) -> Self {
-        Self {
-            cookie,
+    pub fn record(
+        &mut self,
+        new_addr: [u32; 4],
+        new_user_port: u32,
+        addr: [u32; 4],
+        user_port: u32,
+    ) {
+        let new_port = new_user_port as u16;
+        let index = match self.find(new_addr, new_port) {
+            Some(index) => index,
+            None => {
+                let index = self.written as usize % ORIGIN_SLOTS;
+                self.written = self.written.wrapping_add(1);
+                index
+            }
+        };
+        self.slots[index] = OriginSlot {
+            new_addr,
             addr,
+            new_port,
             port: user_port as u16,
-            _pad: [0; 6],
-        }
+        };
+    }
+
+    /// Returns the slot of the redirect to `new_addr`:`new_user_port`, if the socket has one.
+    #[inline(always)]
+    pub fn lookup(&self, new_addr: [u32; 4], new_user_port: u32) -> Option<&OriginSlot> {
+        self.find(new_addr, new_user_port as u16)
+            .map(|index| &self.slots[index])
+    }
+
+    #[inline(always)]
+    fn find(&self, new_addr: [u32; 4], new_port: u16) -> Option<usize> {
+        let used = if self.written < ORIGIN_SLOTS as u32 {
+            self.written as usize
+        } else {
+            ORIGIN_SLOTS
+        };
+        (0..ORIGIN_SLOTS).find(|&index| {
+            let slot = &self.slots[index];
+            index < used && slot.new_port == new_port && slot.new_addr == new_addr
+        })
     }
 }
 
-impl Origin {
-    /// Builds a value from an IPv6-form address and the raw 32-bit `user_port`.
-    #[inline(always)]
-    pub fn new(addr: [u32; 4], user_port: u32) -> Self {
-        Self {
-            addr,
-            port: user_port as u16,
-            _pad: 0,
-        }
-    }
-
-    /// Returns the original address as IPv4, for an `AF_INET` socket: the last word of the mapped
-    /// form.
+impl OriginSlot {
+    /// Returns the original address as IPv4, for an `AF_INET` socket: the last word of the
+    /// mapped form.
     #[inline(always)]
     pub fn ipv4(&self) -> u32 {
         self.addr[3]
@@ -101,36 +134,54 @@ mod tests {
     use super::*;
     use crate::{ipv4_from_mapped, ipv4_to_mapped};
 
+    fn ip(last: u8) -> [u32; 4] {
+        ipv4_to_mapped(u32::from_ne_bytes([10, 0, 0, last]))
+    }
+
+    fn port(port: u16) -> u32 {
+        u32::from(port.to_be())
+    }
+
     #[test]
-    fn key_takes_low_port_bits_and_zero_padding() {
-        let port = 5353u16.to_be();
-        let key = OriginKey::new(7, [1, 2, 3, 4], 0xdead_0000 | u32::from(port));
-        assert_eq!(key.port, port);
-        assert_eq!(key._pad, [0; 6]);
-        assert_eq!(key.cookie, 7);
+    fn empty_socket_has_no_origin() {
+        let origins = SocketOrigins::default();
+        assert_eq!(origins.lookup([0; 4], 0), None);
+        assert_eq!(origins.lookup(ip(1), port(3000)), None);
     }
 
     #[test]
     fn ipv4_origin_round_trips_through_mapped_form() {
-        let addr = u32::from_ne_bytes([10, 0, 0, 22]);
-        let port = u32::from(53u16.to_be());
-        let origin = Origin::new(ipv4_to_mapped(addr), port);
-        assert_eq!(origin.ipv4(), addr);
-        assert_eq!(ipv4_from_mapped(origin.addr), Some(addr));
-        assert_eq!(origin.user_port(), port);
+        let mut origins = SocketOrigins::default();
+        origins.record(ip(1), 0xdead_0000 | port(3000), ip(22), port(53));
+        let slot = origins.lookup(ip(1), port(3000)).unwrap();
+        assert_eq!(ipv4_from_mapped(slot.addr), Some(slot.ipv4()));
+        assert_eq!(slot.ipv4().to_ne_bytes(), [10, 0, 0, 22]);
+        assert_eq!(slot.user_port(), port(53));
+        assert_eq!(origins.lookup(ip(1), port(3001)), None);
+        assert_eq!(origins.lookup(ip(2), port(3000)), None);
     }
 
     #[test]
-    fn keys_differ_by_socket_and_target() {
-        let target = ipv4_to_mapped(u32::from_ne_bytes([10, 0, 0, 22]));
-        let port = u32::from(3000u16.to_be());
-        assert_ne!(
-            OriginKey::new(1, target, port),
-            OriginKey::new(2, target, port)
-        );
-        assert_ne!(
-            OriginKey::new(1, target, port),
-            OriginKey::new(1, target, port + 1)
-        );
+    fn same_target_again_updates_its_slot() {
+        let mut origins = SocketOrigins::default();
+        origins.record(ip(1), port(3000), ip(22), port(80));
+        origins.record(ip(1), port(3000), ip(23), port(81));
+        assert_eq!(origins.written, 1);
+        let slot = origins.lookup(ip(1), port(3000)).unwrap();
+        assert_eq!((slot.ipv4(), slot.user_port()), (ip(23)[3], port(81)));
+    }
+
+    #[test]
+    fn keeps_the_newest_targets_when_full() {
+        let mut origins = SocketOrigins::default();
+        let targets = ORIGIN_SLOTS as u16 + 1;
+        for n in 0..targets {
+            origins.record(ip(1), port(3000 + n), ip(22), port(80 + n));
+        }
+        assert_eq!(origins.lookup(ip(1), port(3000)), None);
+        for n in 1..targets {
+            let slot = origins.lookup(ip(1), port(3000 + n)).unwrap();
+            assert_eq!(slot.user_port(), port(80 + n));
+        }
     }
 }

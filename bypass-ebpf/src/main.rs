@@ -11,19 +11,17 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::bpf_get_socket_cookie,
-    },
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::SkStorage,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_map, cgroup_sock_addr, map},
+    maps::{HashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
 use bypass_common::{
     DEFAULT_LOG_RATE, DEFAULT_MAX_RULES, LOG_STATS_LEN, LogStat, PROTO_TCP, RuleKey4, RuleKey6,
     RuleTarget4, RuleTarget6, ipv4_from_mapped, ipv4_to_mapped,
-    origin::{DEFAULT_MAX_ORIGINS, Origin, OriginKey},
+    origin::{OriginSlot, SocketOrigins},
     ratelimit::RateWindow,
 };
 
@@ -43,10 +41,10 @@ static RULES6: HashMap<RuleKey6, RuleTarget6> =
 #[map]
 static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
 
-/// Original destination of each redirected socket, for `recvmsg` and `getpeername`.
-#[map]
-static ORIGINS: LruHashMap<OriginKey, Origin> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_ORIGINS, 0);
+/// Original destinations of each redirected socket, for `recvmsg` and `getpeername`; the
+/// kernel frees a socket's entry with the socket.
+#[btf_map]
+static ORIGINS: SkStorage<SocketOrigins> = SkStorage::new();
 
 #[map]
 static LOG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG_STATS_LEN, 0);
@@ -125,9 +123,10 @@ fn redirect4(ctx: &SockAddrContext, hook: &str) {
     sa.user_port = u32::from(target.port);
     remember(
         ctx,
-        Origin::new(ipv4_to_mapped(key.addr), u32::from(key.port)),
         ipv4_to_mapped(target.addr),
         target.port,
+        ipv4_to_mapped(key.addr),
+        key.port,
     );
     count_hit(target.rule_id);
 
@@ -169,12 +168,7 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
         sa.user_ip6[2] = mapped[2];
         sa.user_ip6[3] = mapped[3];
         sa.user_port = u32::from(target.port);
-        remember(
-            ctx,
-            Origin::new(user_ip6, u32::from(key.port)),
-            mapped,
-            target.port,
-        );
+        remember(ctx, mapped, target.port, user_ip6, key.port);
         count_hit(target.rule_id);
         if admit_log_line() {
             let (pid, mut comm) = current_task();
@@ -205,12 +199,7 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
     sa.user_ip6[2] = target.addr[2];
     sa.user_ip6[3] = target.addr[3];
     sa.user_port = u32::from(target.port);
-    remember(
-        ctx,
-        Origin::new(user_ip6, u32::from(key.port)),
-        target.addr,
-        target.port,
-    );
+    remember(ctx, target.addr, target.port, user_ip6, key.port);
     count_hit(target.rule_id);
     if admit_log_line() {
         let (pid, mut comm) = current_task();
@@ -230,13 +219,17 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
     }
 }
 
-/// Records that this socket asked for `origin` and now talks to `addr`:`port` (IPv6 form,
-/// network order). A full map evicts its least recently used entry; a failed insert only
-/// leaves `recvmsg`/`getpeername` reporting the new destination.
+/// Records in the socket's storage that it asked for `origin`:`origin_port` and now talks to
+/// `addr`:`port` (IPv6 form, network order). If the storage cannot be created, `recvmsg` and
+/// `getpeername` only go on reporting the new destination.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, origin: Origin, addr: [u32; 4], port: u16) {
-    let key = OriginKey::new(socket_cookie(ctx), addr, u32::from(port));
-    let _ = ORIGINS.insert(&key, &origin, 0);
+fn remember(ctx: &SockAddrContext, addr: [u32; 4], port: u16, origin: [u32; 4], origin_port: u16) {
+    // SAFETY: `ctx` is the sock_addr context of this run, whose `sk` the helper reads; the
+    // storage it returns is zeroed on creation and lives as long as the socket.
+    let origins = unsafe { ORIGINS.get_or_insert_ptr_mut(ctx, None).as_mut() };
+    if let Some(origins) = origins {
+        origins.record(addr, u32::from(port), origin, u32::from(origin_port));
+    }
 }
 
 /// Reports the original destination instead of the current peer in `user_ip4`/`user_port`
@@ -280,17 +273,13 @@ fn read_user_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
     }
 }
 
+/// Returns the mapping of this socket whose new destination is `addr`:`user_port`. A socket
+/// that was never redirected costs one storage lookup, which creates nothing.
 #[inline(always)]
-fn lookup_origin(ctx: &SockAddrContext, addr: [u32; 4], user_port: u32) -> Option<Origin> {
-    let key = OriginKey::new(socket_cookie(ctx), addr, user_port);
-    // SAFETY: copied out at once; an entry is only ever replaced whole.
-    unsafe { ORIGINS.get(&key) }.copied()
-}
-
-#[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the context is the `bpf_sock_addr` this helper expects for sock_addr programs.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+fn lookup_origin(ctx: &SockAddrContext, addr: [u32; 4], user_port: u32) -> Option<OriginSlot> {
+    // SAFETY: as in `remember`; the slot is copied out at once.
+    let origins = unsafe { ORIGINS.get_ptr_mut(ctx).as_ref() }?;
+    origins.lookup(addr, user_port).copied()
 }
 
 #[inline(always)]

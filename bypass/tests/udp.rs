@@ -93,3 +93,56 @@ sendto,10.0.0.22:5353 | echo 5353 ping | 10.0.0.22 5353
     assert_eq!(echo4.received(), 6);
     assert_eq!(echo6.received(), 2);
 }
+
+/// Python client: one `AF_INET6` UDP socket sends to every `[HOST]:PORT` argument, then
+/// prints `REPLY | SOURCE-HOST SOURCE-PORT` for each reply, sorted.
+const ONE_SOCKET_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(5)
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s.sendto(b"ping", (host.strip("[]"), int(port)))
+lines = []
+for _ in sys.argv[1:]:
+    reply, source = s.recvfrom(100)
+    lines.append(f"{reply.decode()} | {source[0]} {source[1]}")
+print("\n".join(sorted(lines)), flush=True)
+"#;
+
+#[test]
+fn one_socket_keeps_several_origins() {
+    if !require_root("one_socket_keeps_several_origins") {
+        return;
+    }
+    let netns = Netns::new();
+    let _echo53 = UdpEcho::start(&netns, "10.0.0.22:5353");
+    let _echo54 = UdpEcho::start(&netns, "10.0.0.22:5354");
+    let _echo6 = UdpEcho::start(&netns, "[fd00::22]:5353");
+    let cgroup = TestCgroup::new();
+    let rules = [
+        "--rule",
+        "udp/10.0.0.22:53=:5353",
+        "--rule",
+        "udp/10.0.0.22:54=:5354",
+        "--rule",
+        "udp/[fd00::22]:53=:5353",
+    ];
+    let bypass = Attached::start(cgroup.path(), &rules);
+
+    // IPv4-mapped sends go through sendmsg4 and native IPv6 ones through sendmsg6; all three
+    // mappings live in the storage of the one socket.
+    let sends = [
+        "[::ffff:10.0.0.22]:53",
+        "[::ffff:10.0.0.22]:54",
+        "[fd00::22]:53",
+    ];
+    let inside = cgroup.run(&python_line(&netns, ONE_SOCKET_CLIENT, &sends));
+    assert_success("python in the cgroup", &inside);
+    let expected = "\
+echo 5353 ping | ::ffff:10.0.0.22 53
+echo 5353 ping | fd00::22 53
+echo 5354 ping | ::ffff:10.0.0.22 54
+";
+    assert_eq!(stdout_of(&inside), expected, "bypass:\n{}", bypass.stderr());
+}
