@@ -72,19 +72,9 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinE
 /// Checks a pin name: it becomes a directory name on the BPF file system, which rejects
 /// any name with a '.', so no '/', no "..", nothing hidden.
 pub fn validate_name(name: &str) -> Result<(), PinError> {
-<<<<<<< HEAD
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
     if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(allowed) {
-        return Err(PinError::InvalidName(name.to_owned()));
-=======
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || name.starts_with('.')
-        || !name.chars().all(allowed)
-    {
         return Err(PinError::InvalidName(crate::rule::printable(name)));
->>>>>>> trial
     }
     Ok(())
 }

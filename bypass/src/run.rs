@@ -63,15 +63,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => cgroup::own_cgroup(&mount)?,
     };
 
-<<<<<<< HEAD
-    // Installed before the command starts: a signal that came earlier would kill bypass
-    // with its default action and leave the command running in the cgroup.
-    let mut signals = ForwardedSignals::install()?;
-=======
     // Catch the signals before the cgroup exists, so one that arrives while bypass sets up
     // removes the cgroup instead of killing bypass with it in place.
     let mut signals = Signals::install()?;
->>>>>>> trial
     let mut redirector = setup::load(&args.rules, &rules)?;
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
@@ -90,11 +84,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let _record = record::Running::write(cgroup.path(), &redirector);
     let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
-<<<<<<< HEAD
-        Ok(child) => Ok(wait_forwarding_signals(child, &mut signals).await?),
-=======
         Ok(child) => Ok(signals.forward_until_exit(child).await?),
->>>>>>> trial
         Err(err) => Err(err),
     };
 
@@ -178,26 +168,16 @@ fn spawn_in_cgroup(
     Ok(child)
 }
 
-<<<<<<< HEAD
-/// The signals `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
-struct ForwardedSignals {
-=======
 /// The signals that `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
 struct Signals {
->>>>>>> trial
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
     quit: Signal,
 }
 
-<<<<<<< HEAD
-impl ForwardedSignals {
-    /// Replaces the default actions, so these signals no longer end bypass.
-=======
 impl Signals {
     /// Catches the signals from now on; until the command runs, they only queue up here.
->>>>>>> trial
     fn install() -> anyhow::Result<Self> {
         let handler = |kind| signal(kind).context("cannot install a signal handler");
         Ok(Self {
@@ -207,32 +187,6 @@ impl Signals {
             quit: handler(SignalKind::quit())?,
         })
     }
-<<<<<<< HEAD
-}
-
-/// Waits for the command and passes the forwarded signals on to it. A signal that arrived
-/// before the command started is passed on as soon as it runs.
-///
-/// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and once
-/// from bypass, as with `timeout`; commands that take a second SIGINT as "force" may notice.
-async fn wait_forwarding_signals(
-    mut child: Child,
-    signals: &mut ForwardedSignals,
-) -> anyhow::Result<ExitStatus> {
-    loop {
-        let signal = tokio::select! {
-            status = child.wait() => return Ok(status?),
-            _ = signals.interrupt.recv() => libc::SIGINT,
-            _ = signals.terminate.recv() => libc::SIGTERM,
-            _ = signals.hangup.recv() => libc::SIGHUP,
-            _ = signals.quit.recv() => libc::SIGQUIT,
-        };
-        // `id()` is None once the child was reaped, so a reused pid is never signalled.
-        if let Some(pid) = child.id() {
-            log::debug!("passing signal {signal} on to pid {pid}");
-            // SAFETY: a plain syscall on our own child, which has not been reaped yet.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
-=======
 
     /// The name of one of the signals caught here.
     fn name(signal: i32) -> &'static str {
@@ -282,7 +236,6 @@ async fn wait_forwarding_signals(
                 // SAFETY: a plain syscall on our own child, which has not been reaped yet.
                 unsafe { libc::kill(pid as libc::pid_t, signal) };
             }
->>>>>>> trial
         }
     }
 }
