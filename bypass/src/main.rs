@@ -1,10 +1,10 @@
 use std::{ffi::OsString, process::ExitCode};
 
 use bypass::{
-    attach, check, generate,
+    attach, check,
     cli::{Cli, Command, RulesCommand},
     exit::{self, UsageError},
-    live, pin,
+    generate, live, pin,
     run::{self, CommandError},
     status,
 };

@@ -89,7 +89,10 @@ fn sigkill_leaves_nothing_attached() {
     assert_eq!(status.code(), None, "not killed: {status}; {stderr}");
     // The kernel frees the links with the last file descriptor; that may take a moment.
     assert!(
-        support::wait_until(std::time::Duration::from_secs(10), || attached_programs(cgroup.path()).is_empty()),
+        support::wait_until(std::time::Duration::from_secs(10), || attached_programs(
+            cgroup.path()
+        )
+        .is_empty()),
         "still attached after SIGKILL: {:?}",
         attached_programs(cgroup.path())
     );

@@ -25,20 +25,34 @@ fn parallel_runs_reach_own_targets() {
     let netns = Netns::new();
     let original = TcpServer::start(&netns, "10.0.0.22:80");
     let ports: Vec<u16> = (FIRST_PORT..FIRST_PORT + JOBS).collect();
-    let servers: Vec<TcpServer> =
-        ports.iter().map(|port| TcpServer::start(&netns, &format!("10.0.0.22:{port}"))).collect();
+    let servers: Vec<TcpServer> = ports
+        .iter()
+        .map(|port| TcpServer::start(&netns, &format!("10.0.0.22:{port}")))
+        .collect();
     let parent = TestCgroup::new();
     let go = FlagFile::new("bypass-go");
 
     // Every job makes one connect, then waits for GO: all eight are attached at once when
     // the rest of their connects run.
-    let client =
-        client_argv_with(&netns, "10.0.0.22:80", CONNECTS_PER_JOB, 1, "tally", "-", go.arg());
+    let client = client_argv_with(
+        &netns,
+        "10.0.0.22:80",
+        CONNECTS_PER_JOB,
+        1,
+        "tally",
+        "-",
+        go.arg(),
+    );
     let mut jobs: Vec<Child> = ports
         .iter()
         .map(|port| {
             Command::new(BYPASS)
-                .args(["run", "--rule", &format!("10.0.0.22:80=:{port}"), "--parent-cgroup"])
+                .args([
+                    "run",
+                    "--rule",
+                    &format!("10.0.0.22:80=:{port}"),
+                    "--parent-cgroup",
+                ])
                 .arg(parent.path())
                 .arg("--")
                 .args(&client)
@@ -48,8 +62,9 @@ fn parallel_runs_reach_own_targets() {
                 .expect("start bypass run")
         })
         .collect();
-    let all_started =
-        wait_until(Duration::from_secs(20), || servers.iter().all(|server| server.accepted() >= 1));
+    let all_started = wait_until(Duration::from_secs(20), || {
+        servers.iter().all(|server| server.accepted() >= 1)
+    });
     go.raise();
     assert!(all_started, "not every job connected once");
 
@@ -63,12 +78,20 @@ fn parallel_runs_reach_own_targets() {
             ("connects".to_owned(), CONNECTS_PER_JOB),
             (format!("served-by {port}"), CONNECTS_PER_JOB),
         ];
-        assert_eq!(tally.into_iter().collect::<Vec<_>>(), expected, "job for :{port}");
+        assert_eq!(
+            tally.into_iter().collect::<Vec<_>>(),
+            expected,
+            "job for :{port}"
+        );
         let summary = format!("{CONNECTS_PER_JOB} hits: tcp/10.0.0.22:80=10.0.0.22:{port}");
         assert!(stderr.contains(&summary), "job for :{port}: {stderr}");
     }
     for (server, port) in servers.iter().zip(&ports) {
-        assert_eq!(server.accepted() as u64, CONNECTS_PER_JOB, "server on :{port}");
+        assert_eq!(
+            server.accepted() as u64,
+            CONNECTS_PER_JOB,
+            "server on :{port}"
+        );
     }
     assert_eq!(original.accepted(), 0);
 }
@@ -91,7 +114,11 @@ fn loaders_hand_over_without_gap() {
     let stop = FlagFile::new("bypass-stop");
     let phase = |server: &TcpServer, at_least: usize| {
         let reached = wait_until(Duration::from_secs(20), || server.accepted() >= at_least);
-        assert!(reached, "the client stalled at {} connects", server.accepted());
+        assert!(
+            reached,
+            "the client stalled at {} connects",
+            server.accepted()
+        );
     };
 
     let first = Attached::start(cgroup.path(), &["--rule", "10.0.0.22:80=:3000"]);
@@ -118,9 +145,16 @@ fn loaders_hand_over_without_gap() {
     let tally = client_tally(&read_all(client.stdout.take().expect("stdout")));
     let (second_status, _) = second.stop_with(libc::SIGTERM);
     assert!(second_status.success());
-    eprintln!("hand-over connects: {tally:?}; original destination: {}", original.accepted());
+    eprintln!(
+        "hand-over connects: {tally:?}; original destination: {}",
+        original.accepted()
+    );
     let to_first = tally.get("served-by 3000").copied().unwrap_or(0);
     let to_second = tally.get("served-by 3001").copied().unwrap_or(0);
-    assert_eq!(to_first + to_second, tally["connects"], "connects that missed both: {tally:?}");
+    assert_eq!(
+        to_first + to_second,
+        tally["connects"],
+        "connects that missed both: {tally:?}"
+    );
     assert_eq!(original.accepted(), 0);
 }

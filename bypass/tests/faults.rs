@@ -7,7 +7,7 @@ use std::{
     fs,
     os::unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
-    process::{Stdio, Command, Output},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
@@ -24,10 +24,14 @@ fn assert_ended_by_removal(bypass: Attached, cgroup: &str, programs: &[u32]) {
     let reason =
         format!("bypass: cgroup {cgroup} was removed while attached; the redirect ended with it");
     assert_eq!(stderr.lines().last(), Some(reason.as_str()), "{stderr}");
-    assert!(stderr.contains(&format!("detached from {cgroup}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("detached from {cgroup}")),
+        "{stderr}"
+    );
     assert!(!stderr.contains("ERROR"), "{stderr}");
-    let unloaded =
-        wait_until(Duration::from_secs(5), || !programs.iter().any(|&id| program_exists(id)));
+    let unloaded = wait_until(Duration::from_secs(5), || {
+        !programs.iter().any(|&id| program_exists(id))
+    });
     assert!(unloaded, "programs {programs:?} still loaded");
 }
 
@@ -71,7 +75,11 @@ fn config_with_rules(count: u16) -> TempFile {
 /// Lists the directories in `dir`.
 fn subdirectories(dir: &Path) -> Vec<PathBuf> {
     let entries = fs::read_dir(dir).unwrap_or_else(|err| panic!("ls {}: {err}", dir.display()));
-    entries.flatten().map(|entry| entry.path()).filter(|path| path.is_dir()).collect()
+    entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect()
 }
 
 #[test]
@@ -85,15 +93,26 @@ fn more_rules_than_max_is_rejected() {
                     --max-rules\n";
 
     let mut attach = Command::new(BYPASS);
-    attach.args(["attach", "--max-rules", "4", "--cgroup"]).arg(cgroup.path());
-    let output = attach.arg("--config").arg(config.path()).output().expect("run bypass");
+    attach
+        .args(["attach", "--max-rules", "4", "--cgroup"])
+        .arg(cgroup.path());
+    let output = attach
+        .arg("--config")
+        .arg(config.path())
+        .output()
+        .expect("run bypass");
     assert_eq!(output.status.code(), Some(2));
     assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
     assert_eq!(attached_program_ids(cgroup.path()), Vec::<u32>::new());
 
     let mut run = Command::new(BYPASS);
-    run.args(["run", "--max-rules", "4", "--parent-cgroup"]).arg(cgroup.path());
-    let output = run.arg("--config").arg(config.path()).args(["--", "true"]).output();
+    run.args(["run", "--max-rules", "4", "--parent-cgroup"])
+        .arg(cgroup.path());
+    let output = run
+        .arg("--config")
+        .arg(config.path())
+        .args(["--", "true"])
+        .output();
     let output = output.expect("run bypass");
     assert_eq!(output.status.code(), Some(125));
     assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
@@ -102,8 +121,13 @@ fn more_rules_than_max_is_rejected() {
     // Exactly at the limit is fine.
     let config = config_with_rules(4);
     let mut run = Command::new(BYPASS);
-    run.args(["-q", "run", "--max-rules", "4", "--parent-cgroup"]).arg(cgroup.path());
-    let output = run.arg("--config").arg(config.path()).args(["--", "true"]).output();
+    run.args(["-q", "run", "--max-rules", "4", "--parent-cgroup"])
+        .arg(cgroup.path());
+    let output = run
+        .arg("--config")
+        .arg(config.path())
+        .args(["--", "true"])
+        .output();
     assert!(output.expect("run bypass").status.success());
 }
 
@@ -145,7 +169,8 @@ fn private_cgroupns_run_is_rejected() {
         .into_iter()
         .filter(|path| !before.contains(path))
         .filter(|path| {
-            path.file_name().is_some_and(|name| name.as_bytes().starts_with(own_prefix.as_bytes()))
+            path.file_name()
+                .is_some_and(|name| name.as_bytes().starts_with(own_prefix.as_bytes()))
         })
         .collect();
     assert!(made.is_empty(), "run made {made:?}");
@@ -161,13 +186,19 @@ fn private_cgroupns_attach_hits_given_cgroup() {
     let home = TestCgroup::new();
     let target = TestCgroup::new();
     let target_arg = target.path().to_str().expect("utf-8 path");
-    let bypass =
-        Attached::spawn(in_private_cgroupns(&home, &[BYPASS, "attach", "--cgroup", target_arg]));
+    let bypass = Attached::spawn(in_private_cgroupns(
+        &home,
+        &[BYPASS, "attach", "--cgroup", target_arg],
+    ));
 
     let programs = attached_program_ids(target.path());
     assert!(!programs.is_empty());
     let links = link_cgroup_ids(&programs);
-    assert_eq!(links, vec![cgroup_id(target.path()); programs.len()], "cgroup ids of our links");
+    assert_eq!(
+        links,
+        vec![cgroup_id(target.path()); programs.len()],
+        "cgroup ids of our links"
+    );
     assert_eq!(attached_program_ids(home.path()), Vec::<u32>::new());
     let output = target.run(&client_argv(&netns, "10.0.0.22:80", 1, 1, "tally"));
     let tally = client_tally(&String::from_utf8_lossy(&output.stdout));
@@ -189,10 +220,28 @@ fn works_without_bpf_filesystem() {
     let script = "umount -q /sys/fs/bpf 2>/dev/null; ! grep -q ' bpf ' /proc/self/mounts || \
                   exit 99; exec \"$@\"";
     let mut command = Command::new("unshare");
-    command.args(["--mount", "sh", "-c", script, "sh", BYPASS, "run", "--parent-cgroup"]);
-    let output = command.arg(parent.path()).arg("--").args(&client).output().expect("unshare");
+    command.args([
+        "--mount",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        BYPASS,
+        "run",
+        "--parent-cgroup",
+    ]);
+    let output = command
+        .arg(parent.path())
+        .arg("--")
+        .args(&client)
+        .output()
+        .expect("unshare");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "status {:?}: {stderr}", output.status.signal());
+    assert!(
+        output.status.success(),
+        "status {:?}: {stderr}",
+        output.status.signal()
+    );
     let tally = client_tally(&String::from_utf8_lossy(&output.stdout));
     assert_eq!(tally.get("served-by 3000"), Some(&1), "{stderr}");
 }

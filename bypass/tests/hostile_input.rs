@@ -21,8 +21,7 @@ use bypass::{
 use proptest::prelude::*;
 use support::{
     Attached, BYPASS, PROGRAM_COUNT, TempFile, TestCgroup, attached_program_ids, cgroup2_mount,
-    require_root,
-    unique_name,
+    require_root, unique_name,
 };
 
 /// Counts the bytes each thread has allocated, so a test can see the peak of one call.
@@ -86,7 +85,9 @@ fn parse_config(text: &str) -> (Result<RuleSet, String>, usize) {
     peak_allocation(|| {
         let mut rules = RuleSet::default();
         let parsed = config::parse(text, "fuzz.toml", &mut rules);
-        parsed.map(|()| rules).map_err(|err| format!("{:#}", anyhow::Error::from(err)))
+        parsed
+            .map(|()| rules)
+            .map_err(|err| format!("{:#}", anyhow::Error::from(err)))
     })
 }
 
@@ -171,8 +172,15 @@ fn deep_nesting_is_an_error_not_a_crash() {
     ] {
         let (parsed, peak) = parse_config(&text);
         let message = parsed.expect_err("deep nesting must be rejected");
-        assert!(message.starts_with("invalid config file fuzz.toml, line 1: "), "{message}");
-        assert!(peak <= allocation_limit(&text), "{peak} bytes for {} input bytes", text.len());
+        assert!(
+            message.starts_with("invalid config file fuzz.toml, line 1: "),
+            "{message}"
+        );
+        assert!(
+            peak <= allocation_limit(&text),
+            "{peak} bytes for {} input bytes",
+            text.len()
+        );
     }
 }
 
@@ -189,16 +197,30 @@ fn escapes_in_values_stay_escaped() {
 #[test]
 fn many_rules_parse_in_bounded_memory() {
     let text: String = (0..10_000u32)
-        .map(|i| format!("[[rule]]\nfrom = \"10.{}.{}.1:80\"\nto = \":3000\"\n", i / 256, i % 256))
+        .map(|i| {
+            format!(
+                "[[rule]]\nfrom = \"10.{}.{}.1:80\"\nto = \":3000\"\n",
+                i / 256,
+                i % 256
+            )
+        })
         .collect();
     let (parsed, peak) = parse_config(&text);
     assert_eq!(parsed.map(|rules| rules.len()), Ok(10_000));
-    assert!(peak <= allocation_limit(&text), "{peak} bytes for {} input bytes", text.len());
+    assert!(
+        peak <= allocation_limit(&text),
+        "{peak} bytes for {} input bytes",
+        text.len()
+    );
 }
 
 /// Runs `bypass ARGS` quietly, so stderr holds only the error.
 fn bypass_quiet(args: &[&OsStr]) -> Output {
-    Command::new(BYPASS).arg("-q").args(args).output().expect("run bypass")
+    Command::new(BYPASS)
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("run bypass")
 }
 
 /// Asserts that `output` failed with `code` and one stderr line equal to `expected`.
@@ -209,7 +231,11 @@ fn assert_one_line(output: &Output, code: i32, expected: &str) {
 }
 
 fn run_with_config(config: &Path) -> Output {
-    let args = [OsStr::new("run"), OsStr::new("--config"), config.as_os_str()];
+    let args = [
+        OsStr::new("run"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
     bypass_quiet(&[&args[..], &[OsStr::new("--"), OsStr::new("true")]].concat())
 }
 
@@ -257,8 +283,11 @@ fn non_utf8_config_path_is_reported() {
     );
 
     let config = non_utf8_path("bypass-config");
-    fs::write(&config, "[[rule]]\nfrom = \"10.0.0.22:80\"\nto = \":1\"\nport = 2\n")
-        .expect("write");
+    fs::write(
+        &config,
+        "[[rule]]\nfrom = \"10.0.0.22:80\"\nto = \":1\"\nport = 2\n",
+    )
+    .expect("write");
     let output = run_with_config(&config);
     let _ = fs::remove_file(&config);
     assert_one_line(
@@ -275,7 +304,11 @@ fn non_utf8_config_path_is_reported() {
 #[test]
 fn non_utf8_cgroup_path_works() {
     let missing = cgroup2_mount().join(OsStr::from_bytes(b"bypass-no-such-\xff"));
-    let args = [OsStr::new("attach"), OsStr::new("--cgroup"), missing.as_os_str()];
+    let args = [
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        missing.as_os_str(),
+    ];
     let shown = missing.display();
     assert_one_line(
         &bypass_quiet(&args),
@@ -293,7 +326,10 @@ fn non_utf8_cgroup_path_works() {
     assert_eq!(attached_program_ids(&cgroup).len(), PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("detached from {}", cgroup.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("detached from {}", cgroup.display())),
+        "{stderr}"
+    );
 }
 
 /// A symlink in the temporary directory, removed on drop.
@@ -314,7 +350,11 @@ impl Drop for Symlink {
 }
 
 fn attach_args(cgroup: &Path) -> Vec<&OsStr> {
-    vec![OsStr::new("attach"), OsStr::new("--cgroup"), cgroup.as_os_str()]
+    vec![
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        cgroup.as_os_str(),
+    ]
 }
 
 #[test]

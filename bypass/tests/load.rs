@@ -25,7 +25,9 @@ const RSS_GROWTH_LIMIT_KB: u64 = 2048;
 /// Reads the VmRSS of `pid`, in kB.
 fn rss_kb(pid: i32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?;
     line.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
@@ -50,8 +52,9 @@ fn number_before(stderr: &str, suffix: &str) -> Option<u64> {
 
 /// Returns `(written, not logged)` from `hit log: X lines written, Y hits not logged (rate limit)`.
 fn hit_log_totals(stderr: &str) -> Option<(u64, u64)> {
-    let line =
-        stderr.lines().find_map(|line| line.split_once("hit log: ").map(|(_, rest)| rest))?;
+    let line = stderr
+        .lines()
+        .find_map(|line| line.split_once("hit log: ").map(|(_, rest)| rest))?;
     let mut numbers = line.split_whitespace().filter_map(|word| word.parse().ok());
     Some((numbers.next()?, numbers.next()?))
 }
@@ -72,11 +75,21 @@ fn burst_keeps_counts_exact_and_memory_flat() {
     let client = client_argv(&netns, "10.0.0.22:80", CONNECTS, THREADS, "burst");
     let output = cgroup.run(&client);
     let tally = client_tally(&String::from_utf8_lossy(&output.stdout));
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(tally.get("connects"), Some(&CONNECTS));
     assert_eq!(tally.get("connected"), Some(&CONNECTS), "{tally:?}");
-    let all_accepted = wait_until(Duration::from_secs(10), || target.accepted() as u64 == CONNECTS);
-    assert!(all_accepted, "server accepted {} of {CONNECTS}", target.accepted());
+    let all_accepted = wait_until(Duration::from_secs(10), || {
+        target.accepted() as u64 == CONNECTS
+    });
+    assert!(
+        all_accepted,
+        "server accepted {} of {CONNECTS}",
+        target.accepted()
+    );
 
     stop_sampling.store(true, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler");
@@ -90,7 +103,10 @@ fn burst_keeps_counts_exact_and_memory_flat() {
     assert!(not_logged > 0, "the rate limit never applied");
     let lines = stderr.matches("redirect connect4 tcp 10.0.0.22:80").count() as u64;
     assert_eq!(lines, written, "hit log lines printed");
-    assert!(stderr.contains("hits not logged because the hit log limit"), "{stderr}");
+    assert!(
+        stderr.contains("hits not logged because the hit log limit"),
+        "{stderr}"
+    );
 
     let (first, peak) = (samples[0], samples.iter().copied().max().unwrap_or(0));
     eprintln!(
@@ -98,5 +114,8 @@ fn burst_keeps_counts_exact_and_memory_flat() {
          loader VmRSS {first} kB at start, {peak} kB peak over {} samples",
         samples.len()
     );
-    assert!(peak - first <= RSS_GROWTH_LIMIT_KB, "VmRSS grew from {first} kB to {peak} kB");
+    assert!(
+        peak - first <= RSS_GROWTH_LIMIT_KB,
+        "VmRSS grew from {first} kB to {peak} kB"
+    );
 }

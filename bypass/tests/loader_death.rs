@@ -30,8 +30,15 @@ fn connect_once(netns: &Netns, cgroup: &TestCgroup) -> String {
 /// Returns the ids of our programs attached to `cgroup` and of the maps they use.
 fn our_objects(cgroup: &Path) -> (Vec<u32>, Vec<u32>) {
     let programs = attached_program_ids(cgroup);
-    assert!(!programs.is_empty(), "nothing attached to {}", cgroup.display());
-    let mut maps: Vec<u32> = programs.iter().flat_map(|&id| program_map_ids(id)).collect();
+    assert!(
+        !programs.is_empty(),
+        "nothing attached to {}",
+        cgroup.display()
+    );
+    let mut maps: Vec<u32> = programs
+        .iter()
+        .flat_map(|&id| program_map_ids(id))
+        .collect();
     maps.sort_unstable();
     maps.dedup();
     assert!(!maps.is_empty(), "programs {programs:?} use no maps");
@@ -43,7 +50,10 @@ fn assert_unloaded((programs, maps): &(Vec<u32>, Vec<u32>)) {
     let gone = wait_until(Duration::from_secs(5), || {
         !programs.iter().any(|&id| program_exists(id)) && !maps.iter().any(|&id| map_exists(id))
     });
-    assert!(gone, "programs {programs:?} or maps {maps:?} are still loaded");
+    assert!(
+        gone,
+        "programs {programs:?} or maps {maps:?} are still loaded"
+    );
 }
 
 #[test]
@@ -78,7 +88,10 @@ fn assert_clean_detach(signal: i32) {
 
     let (status, stderr) = bypass.stop_with(signal);
     assert_eq!(status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("1 hit: tcp/10.0.0.22:80=10.0.0.22:3000"), "{stderr}");
+    assert!(
+        stderr.contains("1 hit: tcp/10.0.0.22:80=10.0.0.22:3000"),
+        "{stderr}"
+    );
     assert!(stderr.contains("detached from"), "{stderr}");
     assert!(!stderr.contains("ERROR"), "{stderr}");
     assert_eq!(attached_program_ids(cgroup.path()), Vec::<u32>::new());
@@ -192,20 +205,31 @@ fn killed_run_leaves_command_unredirected() {
         .spawn()
         .expect("start bypass run");
     let mut lines = BufReader::new(bypass.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("served-by 3000"));
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("served-by 3000")
+    );
     let made: Vec<PathBuf> = fs::read_dir(parent.path())
         .expect("read parent cgroup")
         .filter_map(|entry| Some(entry.ok()?.path()))
         .filter(|path| path.is_dir())
         .collect();
-    assert_eq!(made.len(), 1, "expected the cgroup of `run` in {}", parent.path().display());
+    assert_eq!(
+        made.len(),
+        1,
+        "expected the cgroup of `run` in {}",
+        parent.path().display()
+    );
     let _left_behind = RemoveOnDrop(made[0].clone());
 
     bypass.kill().expect("SIGKILL bypass run");
     assert_eq!(bypass.wait().expect("wait").signal(), Some(libc::SIGKILL));
     go.raise();
     // The command lives on, in its cgroup, without the redirect.
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("served-by 80"));
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("served-by 80")
+    );
     assert_eq!(attached_program_ids(&made[0]), Vec::<u32>::new());
     assert!(wait_until(Duration::from_secs(5), || {
         fs::read_to_string(made[0].join("cgroup.procs")).is_ok_and(|procs| procs.is_empty())
@@ -267,8 +291,19 @@ fn signal_during_run_startup_removes_its_cgroup() {
         // SAFETY: a plain syscall on our own child, which has not been reaped yet.
         unsafe { libc::kill(bypass.id() as libc::pid_t, signal) };
         let status = wait_timeout(&mut bypass, Duration::from_secs(10));
-        assert_eq!(status.signal(), None, "signal {signal} killed bypass: {status:?}");
-        assert!(!made[0].exists(), "signal {signal} left {}", made[0].display());
-        assert!(!Path::new(started.arg()).exists(), "the command ran after signal {signal}");
+        assert_eq!(
+            status.signal(),
+            None,
+            "signal {signal} killed bypass: {status:?}"
+        );
+        assert!(
+            !made[0].exists(),
+            "signal {signal} left {}",
+            made[0].display()
+        );
+        assert!(
+            !Path::new(started.arg()).exists(),
+            "the command ran after signal {signal}"
+        );
     }
 }

@@ -34,7 +34,16 @@ impl Resolver {
             self.nsswitch.display()
         );
         std::process::Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script, "sh", BYPASS])
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+                BYPASS,
+            ])
             .args(args)
             .output()
             .expect("run unshare")
@@ -53,7 +62,8 @@ fn name_rule_covers_every_address() {
     if !require_root("name_rule_covers_every_address") {
         return;
     }
-    let resolver = Resolver::new("10.0.0.22 registry.example.internal\nfd00::22 registry.example.internal\n");
+    let resolver =
+        Resolver::new("10.0.0.22 registry.example.internal\nfd00::22 registry.example.internal\n");
     let netns = Netns::new();
     let v4 = TcpServer::start(&netns, "10.0.0.22:3000");
     let v6 = TcpServer::start(&netns, "[fd00::22]:3000");
@@ -71,8 +81,14 @@ fn name_rule_covers_every_address() {
     assert_eq!(stdout, "served-by 3000\nserved-by 3000\n", "{stderr}");
     assert_eq!(v4.accepted(), 1);
     assert_eq!(v6.accepted(), 1);
-    assert!(stderr.contains("`registry.example.internal` resolves to 10.0.0.22"), "{stderr}");
-    assert!(stderr.contains("`registry.example.internal` resolves to fd00::22"), "{stderr}");
+    assert!(
+        stderr.contains("`registry.example.internal` resolves to 10.0.0.22"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`registry.example.internal` resolves to fd00::22"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -81,7 +97,14 @@ fn unresolvable_name_is_a_clear_error() {
         return;
     }
     let resolver = Resolver::new("127.0.0.1 localhost\n");
-    let args = ["run", "--rule", "registry.example.internal:80=:3000", "--", "true"].map(String::from);
+    let args = [
+        "run",
+        "--rule",
+        "registry.example.internal:80=:3000",
+        "--",
+        "true",
+    ]
+    .map(String::from);
     let output = resolver.bypass(&args);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");

@@ -3,16 +3,11 @@
 
 mod support;
 
-use std::{
-    fs,
-    os::unix::fs::PermissionsExt as _,
-    time::Duration,
-};
+use std::{fs, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use support::{
     Attached, Netns, PROGRAM_COUNT, PinGuard, TcpServer, TestCgroup, attached_programs, bypass,
-    fetch_in,
-    require_root, status_json, wait_timeout,
+    fetch_in, require_root, status_json, wait_timeout,
 };
 
 #[test]
@@ -35,7 +30,10 @@ fn pin_survives_the_loader_and_detach_removes_it() {
         PROGRAM_COUNT,
         "every program stays attached"
     );
-    let mode = fs::metadata(pinned.dir()).expect("pin directory").permissions().mode();
+    let mode = fs::metadata(pinned.dir())
+        .expect("pin directory")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o700, "pin directory mode {mode:o}");
 
     let status = status_json(Some(pinned.name()));
@@ -166,7 +164,10 @@ fn sighup_rereads_the_config_in_place() {
     let (status, stderr) = attached.stop_with(libc::SIGTERM);
     let _ = fs::remove_file(&config);
     assert!(status.success(), "{stderr}");
-    assert!(stderr.contains("1 hit: tcp/10.0.0.22:81=10.0.0.22:3000"), "{stderr}");
+    assert!(
+        stderr.contains("1 hit: tcp/10.0.0.22:81=10.0.0.22:3000"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -287,7 +288,11 @@ fn concurrent_rules_add_get_distinct_ids() {
         .collect();
     for adder in adders {
         let output = adder.join().expect("adder thread");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     let status = status_json(Some(&name));
@@ -298,5 +303,9 @@ fn concurrent_rules_add_get_distinct_ids() {
         .map(|rule| rule["id"].as_u64().expect("numeric id"))
         .collect();
     ids.sort_unstable();
-    assert_eq!(ids, (0..17).collect::<Vec<u64>>(), "rule ids must be distinct and dense");
+    assert_eq!(
+        ids,
+        (0..17).collect::<Vec<u64>>(),
+        "rule ids must be distinct and dense"
+    );
 }

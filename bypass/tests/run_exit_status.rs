@@ -126,13 +126,18 @@ fn signal_is_forwarded(test: &str, signal: i32, name: &str) {
     ];
     let bypass = Background::start(&run_args(&["-r", "10.0.0.22:80=:3000"], &command));
     assert!(
-        wait_until(std::time::Duration::from_secs(10), || dir.path().join("ready").exists()),
+        wait_until(std::time::Duration::from_secs(10), || dir
+            .path()
+            .join("ready")
+            .exists()),
         "command did not start: {}",
         bypass.stderr()
     );
     // The log reader may lag behind the command.
     assert!(
-        wait_until(std::time::Duration::from_secs(10), || bypass.stderr().contains("created cgroup")),
+        wait_until(std::time::Duration::from_secs(10), || bypass
+            .stderr()
+            .contains("created cgroup")),
         "no created cgroup line: {}",
         bypass.stderr()
     );

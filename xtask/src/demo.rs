@@ -45,10 +45,21 @@ pub fn run() -> anyhow::Result<()> {
     let nsenter = format!("--net=/var/run/netns/{}", netns.0);
 
     let root = tempdir()?;
-    fs::write(root.join("index.html"), "hello from the server on 10.0.0.22:3000\n")?;
+    fs::write(
+        root.join("index.html"),
+        "hello from the server on 10.0.0.22:3000\n",
+    )?;
     let server = Server(
         Command::new("nsenter")
-            .args([&nsenter, "python3", "-m", "http.server", "3000", "--bind", "10.0.0.22"])
+            .args([
+                &nsenter,
+                "python3",
+                "-m",
+                "http.server",
+                "3000",
+                "--bind",
+                "10.0.0.22",
+            ])
             .current_dir(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -57,9 +68,22 @@ pub fn run() -> anyhow::Result<()> {
     );
     wait_for_server(&nsenter)?;
 
-    println!("\n$ bypass run -- curl http://10.0.0.22/   (in namespace {}, server on :3000)\n", netns.0);
+    println!(
+        "\n$ bypass run -- curl http://10.0.0.22/   (in namespace {}, server on :3000)\n",
+        netns.0
+    );
     let status = Command::new("target/release/bypass")
-        .args(["run", "--", "nsenter", &nsenter, "curl", "-sS", "--max-time", "5", "http://10.0.0.22/"])
+        .args([
+            "run",
+            "--",
+            "nsenter",
+            &nsenter,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://10.0.0.22/",
+        ])
         .status()
         .context("cannot start target/release/bypass")?;
     drop(server);
@@ -86,7 +110,16 @@ fn wait_for_server(nsenter: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let probe = Command::new("nsenter")
-            .args([nsenter, "curl", "-s", "-o", "/dev/null", "--max-time", "1", "http://10.0.0.22:3000/"])
+            .args([
+                nsenter,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                "http://10.0.0.22:3000/",
+            ])
             .status()?;
         if probe.success() {
             return Ok(());

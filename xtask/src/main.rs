@@ -63,7 +63,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     cargo.args(["test", "--workspace"]).args(args);
     // The privileged tests build their own namespaces and cgroups; keep them from racing
     // for CPU with each other on small machines.
-    cargo.env("RUST_TEST_THREADS", std::env::var("RUST_TEST_THREADS").unwrap_or("2".into()));
+    cargo.env(
+        "RUST_TEST_THREADS",
+        std::env::var("RUST_TEST_THREADS").unwrap_or("2".into()),
+    );
     run(&mut cargo)
 }
 
@@ -76,7 +79,9 @@ pub fn cargo() -> Command {
 
 /// Runs `command` and fails with its status when it fails.
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }

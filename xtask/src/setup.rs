@@ -32,11 +32,23 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// bpf-linker release and features known to build with the toolchains above.
-const BPF_LINKER_ARGS: &[&str] =
-    &["install", "bpf-linker", "--version", "0.13.0", "--locked", "--no-default-features", "--features", "llvm-22"];
+const BPF_LINKER_ARGS: &[&str] = &[
+    "install",
+    "bpf-linker",
+    "--version",
+    "0.13.0",
+    "--locked",
+    "--no-default-features",
+    "--features",
+    "llvm-22",
+];
 
 pub fn run() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|name| !dpkg_installed(name)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|name| !dpkg_installed(name))
+        .collect();
     if !missing.is_empty() {
         install_packages(&missing)?;
     }
@@ -79,7 +91,9 @@ fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${Status}", package])
         .output()
-        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("install ok installed"))
+        .is_ok_and(|output| {
+            String::from_utf8_lossy(&output.stdout).contains("install ok installed")
+        })
 }
 
 /// PATH with LLVM's bin directory and cargo's install directory first.
@@ -95,5 +109,7 @@ pub fn build_path() -> OsString {
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
-    env::split_paths(&build_path()).map(|dir| dir.join(program)).find(|path| path.is_file())
+    env::split_paths(&build_path())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
 }

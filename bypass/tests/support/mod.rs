@@ -4,7 +4,10 @@
 //! Every test makes its own namespace, with 10.0.0.22 and fd00::22 on that namespace's `lo`,
 //! so no packet of a test ever leaves the machine: a redirect that fails ends in a refused
 //! connection inside the namespace.
-#![allow(dead_code, reason = "each test file uses a different part of the fixtures")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the fixtures"
+)]
 
 use std::{
     fs,
@@ -41,7 +44,10 @@ pub fn require_root(test: &str) -> bool {
         return true;
     }
     let in_ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
-    assert!(!in_ci, "{test}: needs root to load eBPF programs, and CI=true forbids skipping");
+    assert!(
+        !in_ci,
+        "{test}: needs root to load eBPF programs, and CI=true forbids skipping"
+    );
     eprintln!("skipping {test}: needs root to load eBPF programs and make namespaces");
     false
 }
@@ -50,8 +56,14 @@ pub fn require_root(test: &str) -> bool {
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    format!("{prefix}-{}-{count}-{}", std::process::id(), nanos % 100_000)
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}-{}-{count}-{}",
+        std::process::id(),
+        nanos % 100_000
+    )
 }
 
 fn run_checked(program: &str, args: &[&str]) {
@@ -73,13 +85,35 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Self {
-        let netns = Self { name: unique_name("bypass-test") };
+        let netns = Self {
+            name: unique_name("bypass-test"),
+        };
         run_checked("ip", &["netns", "add", &netns.name]);
         run_checked("ip", &["-n", &netns.name, "link", "set", "lo", "up"]);
-        run_checked("ip", &["-n", &netns.name, "addr", "add", "10.0.0.22/32", "dev", "lo"]);
         run_checked(
             "ip",
-            &["-n", &netns.name, "addr", "add", "fd00::22/128", "dev", "lo", "nodad"],
+            &[
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                "10.0.0.22/32",
+                "dev",
+                "lo",
+            ],
+        );
+        run_checked(
+            "ip",
+            &[
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                "fd00::22/128",
+                "dev",
+                "lo",
+                "nodad",
+            ],
         );
         netns
     }
@@ -95,7 +129,10 @@ impl Netns {
     /// Returns `nsenter --net=PATH` followed by `argv`: a command line that runs `argv` in
     /// this namespace without the fresh /sys that `ip netns exec` would mount.
     pub fn command_line(&self, argv: &[&str]) -> Vec<String> {
-        let mut line = vec!["nsenter".to_owned(), format!("--net={}", self.path().display())];
+        let mut line = vec![
+            "nsenter".to_owned(),
+            format!("--net={}", self.path().display()),
+        ];
         line.extend(argv.iter().map(|arg| (*arg).to_owned()));
         line
     }
@@ -107,7 +144,12 @@ impl Netns {
         thread::spawn(move || {
             // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
             let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(result, 0, "setns failed: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                result,
+                0,
+                "setns failed: {}",
+                std::io::Error::last_os_error()
+            );
             f()
         })
         .join()
@@ -117,7 +159,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -136,7 +180,10 @@ pub fn cgroup2_mount() -> PathBuf {
 /// The cgroup v2 directory of this test process.
 pub fn own_cgroup() -> PathBuf {
     let text = fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
-    let relative = text.lines().find_map(|line| line.strip_prefix("0::")).expect("cgroup v2 line");
+    let relative = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .expect("cgroup v2 line");
     cgroup2_mount().join(relative.trim_start_matches('/'))
 }
 
@@ -167,14 +214,18 @@ impl TestCgroup {
 
     /// Runs `argv` to completion as a member of this cgroup from its first instruction.
     pub fn run(&self, argv: &[String]) -> Output {
-        self.command(argv).output().unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
+        self.command(argv)
+            .output()
+            .unwrap_or_else(|err| panic!("run {argv:?}: {err}"))
     }
 
     /// Starts `argv` in this cgroup with stdin closed and stdout piped; the caller waits.
     pub fn spawn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(&self, argv: &[S]) -> Child {
         let mut command = self.command(argv);
         command.stdin(Stdio::null()).stdout(Stdio::piped());
-        command.spawn().unwrap_or_else(|err| panic!("start {argv:?}: {err}"))
+        command
+            .spawn()
+            .unwrap_or_else(|err| panic!("start {argv:?}: {err}"))
     }
 
     /// Builds a command for `argv` that joins this cgroup before `exec`.
@@ -217,9 +268,16 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
     if !cgroup.exists() {
         return Vec::new();
     }
-    let output =
-        Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().expect("run bpftool");
-    assert!(output.status.success(), "bpftool: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        output.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // Lines: ID AttachType AttachFlags Name; the header starts with "ID".
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -241,7 +299,9 @@ impl TcpServer {
     pub fn start(netns: &Netns, addr: &str) -> Self {
         let addr: SocketAddr = addr.parse().expect("server address");
         let listener = netns.enter(move || TcpListener::bind(addr).expect("bind server"));
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         // A deeper accept queue than std's 128, so bursts of connects are not dropped.
         // SAFETY: listen on a listening socket only resizes its queue.
         unsafe { libc::listen(listener.as_raw_fd(), 4096) };
@@ -264,7 +324,12 @@ impl TcpServer {
                 }
             })
         };
-        Self { addr, accepted, stop, thread: Some(thread) }
+        Self {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn accepted(&self) -> usize {
@@ -293,7 +358,9 @@ impl UdpEcho {
     pub fn start(netns: &Netns, addr: &str) -> Self {
         let addr: SocketAddr = addr.parse().expect("server address");
         let socket = netns.enter(move || UdpSocket::bind(addr).expect("bind udp server"));
-        socket.set_read_timeout(Some(Duration::from_millis(20))).expect("read timeout");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
         let received = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -310,7 +377,11 @@ impl UdpEcho {
                 }
             })
         };
-        Self { received, stop, thread: Some(thread) }
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn received(&self) -> usize {
@@ -329,7 +400,10 @@ impl Drop for UdpEcho {
 
 /// Runs `bypass ARGS` to completion.
 pub fn bypass(args: &[&str]) -> Output {
-    Command::new(BYPASS).args(args).output().expect("run bypass")
+    Command::new(BYPASS)
+        .args(args)
+        .output()
+        .expect("run bypass")
 }
 
 /// A `bypass attach` process in the background, stopped by pid on drop.
@@ -368,7 +442,11 @@ impl Attached {
                 }
             })
         };
-        let mut attached = Self { child, stderr, reader: Some(reader) };
+        let mut attached = Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !attached.stderr().contains("redirecting; stop with") {
             if let Ok(Some(status)) = attached.child.try_wait() {
@@ -457,7 +535,11 @@ pub fn read_all(mut reader: impl Read) -> String {
 
 /// Waits until `socket` is readable (for a listener: a connection is waiting), or `timeout`.
 fn wait_readable(socket: &impl AsRawFd, timeout: Duration) {
-    let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
@@ -481,12 +563,17 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 /// give it.
 pub fn cgroup_id(cgroup: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
-    fs::metadata(cgroup).unwrap_or_else(|err| panic!("stat {}: {err}", cgroup.display())).ino()
+    fs::metadata(cgroup)
+        .unwrap_or_else(|err| panic!("stat {}: {err}", cgroup.display()))
+        .ino()
 }
 
 /// Returns the ids of the programs attached to `cgroup` (`bpftool cgroup show`).
 pub fn attached_program_ids(cgroup: &Path) -> Vec<u32> {
-    let output = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output();
+    let output = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output();
     let output = output.expect("run bpftool");
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -528,7 +615,9 @@ pub fn program_map_ids(id: u32) -> Vec<u32> {
     };
     let list = &text[start + "\"map_ids\":[".len()..];
     let list = &list[..list.find(']').unwrap_or(0)];
-    list.split(',').filter_map(|id| id.trim().parse().ok()).collect()
+    list.split(',')
+        .filter_map(|id| id.trim().parse().ok())
+        .collect()
 }
 
 /// A connect client in Python: `python3 -c CLIENT HOST PORT COUNT THREADS MODE STOP GO`.
@@ -623,7 +712,9 @@ pub fn client_argv_with(
 ) -> Vec<String> {
     let (host, port) = target.rsplit_once(':').expect("HOST:PORT");
     let (count, threads) = (count.to_string(), threads.to_string());
-    netns.command_line(&["python3", "-c", CLIENT, host, port, &count, &threads, mode, stop, go])
+    netns.command_line(&[
+        "python3", "-c", CLIENT, host, port, &count, &threads, mode, stop, go,
+    ])
 }
 
 /// A file whose existence signals a client process (the STOP and GO files of [`CLIENT`]);
@@ -635,7 +726,9 @@ pub struct FlagFile {
 impl FlagFile {
     /// Picks a unique path in the temporary directory; the file does not exist yet.
     pub fn new(prefix: &str) -> Self {
-        Self { path: std::env::temp_dir().join(unique_name(prefix)) }
+        Self {
+            path: std::env::temp_dir().join(unique_name(prefix)),
+        }
     }
 
     pub fn arg(&self) -> &str {
@@ -657,7 +750,10 @@ impl Drop for FlagFile {
 /// Returns the cgroup id that the BPF link of each program in `programs` is attached to, from
 /// `bpftool link show` (lines `ID: cgroup  prog P` then `cgroup_id C  attach_type ...`).
 pub fn link_cgroup_ids(programs: &[u32]) -> Vec<u64> {
-    let output = Command::new("bpftool").args(["link", "show"]).output().expect("run bpftool");
+    let output = Command::new("bpftool")
+        .args(["link", "show"])
+        .output()
+        .expect("run bpftool");
     let text = String::from_utf8_lossy(&output.stdout);
     let mut ids = Vec::new();
     let mut current_prog = None;
@@ -921,7 +1017,9 @@ impl Drop for Background {
             let _ = self.child.kill();
             let _ = self.child.wait();
             // Killed bypass cleans nothing up: remove the job cgroup and what runs in it.
-            wait_until_for(Duration::from_secs(1), || self.stderr().contains("created cgroup "));
+            wait_until_for(Duration::from_secs(1), || {
+                self.stderr().contains("created cgroup ")
+            });
             if created_cgroup(&self.stderr()).is_some() {
                 drop(JobCgroup::from_log(&self.stderr()));
             }
