@@ -3,7 +3,7 @@
 //! Each CPU keeps one [`RateWindow`] in a per-CPU array, so the programs need no lock and no
 //! atomic operation: a program runs on one CPU from start to end.
 
-/// Name of the per-CPU array that holds one [`RateWindow`] per CPU.
+/// Name of the per-CPU array that contains one [`RateWindow`] per CPU.
 pub const LOG_WINDOW_MAP: &str = "LOG_WINDOW";
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;

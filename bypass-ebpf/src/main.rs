@@ -1,8 +1,9 @@
 //! cgroup sock_addr programs that redirect a socket's destination by rule.
 //!
 //! Every entry point is a thin wrapper around one lookup-and-rewrite helper. All of them
-//! return [`ALLOW`]: a miss, a failed helper call or a full ring buffer lets the syscall go on
-//! unchanged, so bypass can change where a connection goes but never blocks one.
+//! return [`ALLOW`], so bypass can change where a connection goes but never blocks one. A miss
+//! leaves the syscall unchanged. A failed helper call or a full ring buffer loses only a log
+//! line or a reverse mapping, never the redirect.
 #![no_std]
 #![no_main]
 
@@ -113,39 +114,13 @@ fn redirect4(ctx: &SockAddrContext, hook: &str) {
     // SAFETY: the kernel passes a valid `bpf_sock_addr` for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = RuleKey4::from_sock_addr(sa.user_ip4, sa.user_port, sa.protocol);
-    // SAFETY: the value is copied out at once and no reference is kept, because a preallocated
-    // hash map may recycle an element that user space replaces concurrently.
-    let Some(target) = (unsafe { RULES4.get(&key) }).copied() else {
+    let Some(target) = lookup4(&key) else {
         return;
     };
 
     sa.user_ip4 = target.addr;
     sa.user_port = u32::from(target.port);
-    remember(
-        ctx,
-        ipv4_to_mapped(target.addr),
-        target.port,
-        ipv4_to_mapped(key.addr),
-        key.port,
-    );
-    count_hit(target.rule_id);
-
-    if admit_log_line() {
-        let (pid, mut comm) = current_task();
-        info!(
-            ctx,
-            "redirect {} {} {:i}:{} -> {:i}:{} rule {} pid {} comm {}",
-            hook,
-            protocol_name(key.protocol),
-            Ipv4Addr::from(key.addr.to_ne_bytes()),
-            u16::from_be(key.port),
-            Ipv4Addr::from(target.addr.to_ne_bytes()),
-            u16::from_be(target.port),
-            target.rule_id,
-            pid,
-            comm_str(&mut comm)
-        );
-    }
+    hit4(ctx, hook, &key, &target, "");
 }
 
 /// Rewrites `user_ip6`/`user_port`: IPv4-mapped destinations by the IPv4 rules, written back
@@ -158,46 +133,21 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
 
     if let Some(ip4) = ipv4_from_mapped(user_ip6) {
         let key = RuleKey4::from_sock_addr(ip4, sa.user_port, sa.protocol);
-        // SAFETY: as in `redirect4`.
-        let Some(target) = (unsafe { RULES4.get(&key) }).copied() else {
+        let Some(target) = lookup4(&key) else {
             return;
         };
-        let mapped = ipv4_to_mapped(target.addr);
-        sa.user_ip6[0] = mapped[0];
-        sa.user_ip6[1] = mapped[1];
-        sa.user_ip6[2] = mapped[2];
-        sa.user_ip6[3] = mapped[3];
+        write_user_ip6(sa, ipv4_to_mapped(target.addr));
         sa.user_port = u32::from(target.port);
-        remember(ctx, mapped, target.port, user_ip6, key.port);
-        count_hit(target.rule_id);
-        if admit_log_line() {
-            let (pid, mut comm) = current_task();
-            info!(
-                ctx,
-                "redirect {} {} ::ffff:{:i}:{} -> ::ffff:{:i}:{} rule {} pid {} comm {}",
-                hook,
-                protocol_name(key.protocol),
-                Ipv4Addr::from(key.addr.to_ne_bytes()),
-                u16::from_be(key.port),
-                Ipv4Addr::from(target.addr.to_ne_bytes()),
-                u16::from_be(target.port),
-                target.rule_id,
-                pid,
-                comm_str(&mut comm)
-            );
-        }
+        hit4(ctx, hook, &key, &target, "::ffff:");
         return;
     }
 
     let key = RuleKey6::from_sock_addr(user_ip6, sa.user_port, sa.protocol);
-    // SAFETY: as in `redirect4`.
+    // SAFETY: the value is copied out at once, as in `lookup4`.
     let Some(target) = (unsafe { RULES6.get(&key) }).copied() else {
         return;
     };
-    sa.user_ip6[0] = target.addr[0];
-    sa.user_ip6[1] = target.addr[1];
-    sa.user_ip6[2] = target.addr[2];
-    sa.user_ip6[3] = target.addr[3];
+    write_user_ip6(sa, target.addr);
     sa.user_port = u32::from(target.port);
     remember(ctx, target.addr, target.port, user_ip6, key.port);
     count_hit(target.rule_id);
@@ -219,12 +169,57 @@ fn redirect6(ctx: &SockAddrContext, hook: &str) {
     }
 }
 
+/// Returns the target of the IPv4 rule for `key`, if there is one.
+#[inline(always)]
+fn lookup4(key: &RuleKey4) -> Option<RuleTarget4> {
+    // SAFETY: the value is copied out at once and no reference is kept, because the kernel may
+    // free or reuse an element that user space replaces concurrently.
+    unsafe { RULES4.get(key) }.copied()
+}
+
+/// Records, counts and logs a hit of an IPv4 rule whose rewrite is done. `prefix` is
+/// `"::ffff:"` when the socket is `AF_INET6` and the addresses are IPv4-mapped.
+#[inline(always)]
+fn hit4(ctx: &SockAddrContext, hook: &str, key: &RuleKey4, target: &RuleTarget4, prefix: &str) {
+    let (addr, origin) = (ipv4_to_mapped(target.addr), ipv4_to_mapped(key.addr));
+    remember(ctx, addr, target.port, origin, key.port);
+    count_hit(target.rule_id);
+
+    if admit_log_line() {
+        let (pid, mut comm) = current_task();
+        info!(
+            ctx,
+            "redirect {} {} {}{:i}:{} -> {}{:i}:{} rule {} pid {} comm {}",
+            hook,
+            protocol_name(key.protocol),
+            prefix,
+            Ipv4Addr::from(key.addr.to_ne_bytes()),
+            u16::from_be(key.port),
+            prefix,
+            Ipv4Addr::from(target.addr.to_ne_bytes()),
+            u16::from_be(target.port),
+            target.rule_id,
+            pid,
+            comm_str(&mut comm)
+        );
+    }
+}
+
+/// Writes `addr` to `user_ip6`, one 32-bit word at a time as the context allows.
+#[inline(always)]
+fn write_user_ip6(sa: &mut bpf_sock_addr, addr: [u32; 4]) {
+    sa.user_ip6[0] = addr[0];
+    sa.user_ip6[1] = addr[1];
+    sa.user_ip6[2] = addr[2];
+    sa.user_ip6[3] = addr[3];
+}
+
 /// Records in the socket's storage that it asked for `origin`:`origin_port` and now talks to
 /// `addr`:`port` (IPv6 form, network order). If the storage cannot be created, `recvmsg` and
 /// `getpeername` only go on reporting the new destination.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, addr: [u32; 4], port: u16, origin: [u32; 4], origin_port: u16) {
-    // SAFETY: `ctx` is the sock_addr context of this run, whose `sk` the helper reads; the
+    // SAFETY: `ctx` is the sock_addr context of this run, and the helper reads its `sk`. The
     // storage it returns is zeroed on creation and lives as long as the socket.
     let origins = unsafe { ORIGINS.get_or_insert_ptr_mut(ctx, None).as_mut() };
     if let Some(origins) = origins {
@@ -250,10 +245,7 @@ fn restore6(ctx: &SockAddrContext) {
     // SAFETY: as in `redirect4`.
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(origin) = lookup_origin(ctx, read_user_ip6(sa), sa.user_port) {
-        sa.user_ip6[0] = origin.addr[0];
-        sa.user_ip6[1] = origin.addr[1];
-        sa.user_ip6[2] = origin.addr[2];
-        sa.user_ip6[3] = origin.addr[3];
+        write_user_ip6(sa, origin.addr);
         sa.user_port = origin.user_port();
     }
 }

@@ -31,7 +31,7 @@ const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub async fn attach(mut args: AttachArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.pin {
         pin::validate_name(name).map_err(|err| UsageError(err.into()))?;
-        // Nobody reads the hit log of a pinned attachment; the counters still count.
+        // No process reads the hit log of a pinned attachment, but the counters still count.
         args.rules.log_rate = 0;
     }
     let rules = setup::rules_from_args(&args.rules)?;

@@ -18,7 +18,7 @@ use crate::rule::{DuplicateRule, Origin, Protocol, Rule, RuleError, RuleSet};
 /// path (a log file, a device) from being read into memory.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
-/// Why a config file was rejected.
+/// Reason a config file was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]

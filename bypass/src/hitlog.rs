@@ -1,9 +1,9 @@
 //! Reading the hit log that the programs write through aya-log, and the exit summary.
 //!
-//! The reader drains the ring buffer on a timer instead of waiting for each record. A waiting
-//! reader makes the kernel wake it on every record, an inter-processor interrupt that costs
-//! the connecting process microseconds; a reader that polls every [`FLUSH_INTERVAL`] is
-//! rarely asleep on the buffer, so most records cost no wake-up.
+//! The reader drains the ring buffer on a timer instead of waiting for each record. A reader
+//! blocked on the buffer is woken for new records, often by an inter-processor interrupt that
+//! costs the connecting process microseconds. A reader that drains it every
+//! [`FLUSH_INTERVAL`] is never blocked on it, so no record has a reader to wake.
 
 use std::time::Duration;
 

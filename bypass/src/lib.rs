@@ -1,6 +1,6 @@
 //! bypass: redirect the outgoing connections of one cgroup at connect() time, with eBPF.
 //!
-//! The library holds everything but argument parsing glue: rule and config parsing, cgroup
+//! The library contains everything but argument parsing glue: rule and config parsing, cgroup
 //! discovery, the loader, the hit log reader, and the `run` and `attach` lifecycles.
 
 pub mod attach;

@@ -273,7 +273,7 @@ impl Redirector {
     }
 
     /// Takes the links made by [`Self::attach`] out of the programs, so that they can be
-    /// pinned; a link that is not pinned or kept detaches when dropped.
+    /// pinned. A link that is neither pinned nor kept detaches when dropped.
     pub fn take_links(&mut self) -> Result<Vec<(&'static str, FdLink)>, LoadError> {
         let mut taken = Vec::new();
         for (name, link_id) in std::mem::take(&mut self.links) {
@@ -292,7 +292,7 @@ impl Redirector {
         &self.loaded
     }
 
-    /// The loaded object, for callers that read its maps.
+    /// Returns the loaded object, for callers that read its maps.
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }

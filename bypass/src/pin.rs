@@ -17,7 +17,7 @@ use crate::{
     rulemap,
 };
 
-/// Where bypass expects the BPF file system.
+/// Mount point of the BPF file system that bypass uses.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// `f_type` of the BPF file system (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -84,12 +84,12 @@ pub fn require_privileges(command: &'static str) -> Result<(), PinError> {
     crate::loader::check_privileges().map_err(|_| PinError::NotPermitted(command))
 }
 
-/// The directory that holds every bypass pin.
+/// Returns the directory that contains every bypass pin.
 pub fn root() -> PathBuf {
     Path::new(BPFFS).join("bypass")
 }
 
-/// The pin directory of attachment `name`.
+/// Returns the pin directory of attachment `name`.
 pub fn dir(name: &str) -> PathBuf {
     root().join(name)
 }
@@ -167,7 +167,7 @@ pub fn pin(redirector: &mut Redirector, name: &str, cgroup: &Path) -> anyhow::Re
 /// [`names`] because pin names cannot hold '~'.
 const STAGING_PREFIX: &str = "~staging-";
 
-/// Where one `attach --pin` builds its pin before the rename.
+/// Staging directory in which one `attach --pin` builds its pin before the rename.
 struct Staging {
     dir: PathBuf,
     record: PathBuf,
@@ -326,9 +326,9 @@ fn remove_pins(dir: &Path) -> Result<(), PinError> {
     fs::remove_dir(dir).map_err(io_error("remove", dir))
 }
 
-/// Removes one pin. A link is opened before its pin goes and closed after: the kernel
-/// releases a link at once on the last close, but only later, from a work queue, when the
-/// last reference was the pin; so `detach` returns with the programs already detached.
+/// Removes one pin. A link is opened before its pin goes and closed after, because the kernel
+/// releases a link at once on the last close but only later, from a work queue, when the last
+/// reference was the pin. So `detach` returns with the programs already detached.
 fn unpin(path: &Path) -> Result<(), PinError> {
     if !is_link_pin(path) {
         return fs::remove_file(path).map_err(io_error("unpin", path));

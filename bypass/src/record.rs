@@ -18,10 +18,10 @@ use crate::{
     target,
 };
 
-/// Where the records live.
+/// Directory of the records.
 pub const RUN_DIR: &str = "/run/bypass";
 
-/// What `status` needs to know about one attachment beyond its maps.
+/// Facts about one attachment that `status` needs beyond its maps.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The cgroup v2 directory the programs are attached to.
@@ -36,7 +36,7 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record for `redirector`, attached to `cgroup` by this process.
+    /// Builds a record for `redirector`, attached to `cgroup` by this process.
     pub fn new(cgroup: &Path, redirector: &Redirector, foreground: bool) -> anyhow::Result<Self> {
         let pid = std::process::id();
         Ok(Self {
@@ -48,7 +48,7 @@ impl Record {
         })
     }
 
-    /// Whether the recorded cgroup still exists (and is the same cgroup).
+    /// Returns whether the recorded cgroup still exists (and is the same cgroup).
     pub fn cgroup_exists(&self) -> bool {
         match (target::cgroup_id(&self.cgroup), self.cgroup_id) {
             (Some(now), Some(then)) => now == then,
@@ -57,7 +57,7 @@ impl Record {
         }
     }
 
-    /// Whether the foreground loader that wrote this record still runs.
+    /// Returns whether the foreground loader that wrote this record still runs.
     pub fn loader_alive(&self) -> bool {
         match self.pid {
             Some(pid) => self.pid_start.is_some() && process_start(pid) == self.pid_start,
@@ -91,23 +91,23 @@ impl Record {
     }
 }
 
-/// The record file of the pinned attachment `name`.
+/// Returns the record file of the pinned attachment `name`.
 pub fn pinned_path(name: &str) -> PathBuf {
     pinned_dir().join(format!("{name}.json"))
 }
 
-/// The directory of the records of pinned attachments.
+/// Returns the directory of the records of pinned attachments.
 pub fn pinned_dir() -> PathBuf {
     Path::new(RUN_DIR).join("pinned")
 }
 
-/// The directory of the records of foreground loaders.
+/// Returns the directory of the records of foreground loaders.
 pub fn running_dir() -> PathBuf {
     Path::new(RUN_DIR).join("running")
 }
 
 /// Returns the start time of process `pid` in clock ticks after boot (field 22 of
-/// `/proc/PID/stat`), which tells a live process from a later one with the same pid.
+/// `/proc/PID/stat`), which distinguishes a live process from a later one with the same pid.
 pub fn process_start(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.

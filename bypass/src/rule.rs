@@ -20,7 +20,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The `IPPROTO_*` number the kernel reports in `bpf_sock_addr.protocol`.
+    /// Returns the `IPPROTO_*` number the kernel reports in `bpf_sock_addr.protocol`.
     pub fn number(self) -> u8 {
         match self {
             Self::Tcp => PROTO_TCP,
@@ -58,7 +58,7 @@ pub struct Rule {
     pub to: SocketAddr,
 }
 
-/// Why a rule was rejected. The caller adds which rule and where it came from.
+/// Reason a rule was rejected. The caller adds which rule and where it came from.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RuleError {
     #[error("expected FROM=TO, e.g. 10.0.0.22:80=:3000 or udp/10.0.0.53:53=127.0.0.1:5353")]
@@ -188,7 +188,7 @@ fn parse_port(text: &str) -> Result<u16, RuleError> {
     }
 }
 
-/// Where a rule came from, for error messages and the start-up log.
+/// Source of a rule, for error messages and the start-up log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
     CommandLine,

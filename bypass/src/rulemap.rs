@@ -265,6 +265,12 @@ impl RuleMaps {
         Ok(values.iter().sum())
     }
 
+    /// Returns the rule id kept for the temporary rule of the check after attaching: the last
+    /// slot, which the loader creates beyond `--max-rules`, so user rules never share it.
+    pub fn check_rule_id(&self) -> u32 {
+        self.hits.len() - 1
+    }
+
     /// Adds `rule` under the lowest free rule id, with its counter reset; returns the id.
     pub fn add(&mut self, rule: &Rule) -> Result<u32, RuleMapError> {
         let rules = self.rules()?;
@@ -273,7 +279,7 @@ impl RuleMaps {
                 existing: *existing,
             });
         }
-        let rule_id = free_id(rules.iter().map(|&(_, id)| id), self.hits.len())?;
+        let rule_id = free_id(rules.iter().map(|&(_, id)| id), self.check_rule_id())?;
         self.reset_hits(rule_id)?;
         self.insert(rule, rule_id)?;
         Ok(rule_id)
@@ -343,7 +349,7 @@ impl RuleMaps {
     }
 }
 
-/// Whether two rules match the same connections (same protocol and source).
+/// Returns whether two rules match the same connections (same protocol and source).
 pub fn same_source(a: &Rule, b: &Rule) -> bool {
     a.protocol == b.protocol && a.from == b.from
 }

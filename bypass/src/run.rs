@@ -27,7 +27,7 @@ use crate::{
     verify,
 };
 
-/// Why the command did not start.
+/// Reason the command did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("command not found: {0}")]
@@ -188,7 +188,7 @@ impl Signals {
         })
     }
 
-    /// The name of one of the signals caught here.
+    /// Returns the name of one of the signals caught here.
     fn name(signal: i32) -> &'static str {
         match signal {
             libc::SIGINT => "SIGINT",
@@ -198,7 +198,7 @@ impl Signals {
         }
     }
 
-    /// The next signal received, waiting for it.
+    /// Waits for and returns the next signal received.
     async fn next(&mut self) -> i32 {
         tokio::select! {
             _ = self.interrupt.recv() => libc::SIGINT,
@@ -222,8 +222,7 @@ impl Signals {
     /// Waits for the command, passing the signals on to it.
     ///
     /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and
-    /// once from bypass, as with `timeout`; commands that take a second SIGINT as "force" may
-    /// notice.
+    /// once from bypass. A command that treats a second SIGINT as "force quit" may notice.
     async fn forward_until_exit(&mut self, mut child: Child) -> anyhow::Result<ExitStatus> {
         loop {
             let signal = tokio::select! {

@@ -35,7 +35,7 @@ pub struct Attachment {
     pub cgroup: Option<String>,
     pub cgroup_exists: bool,
     pub rules: Vec<RuleStatus>,
-    /// Why the rules could not be read, if they could not.
+    /// Reason the rules could not be read, if they could not.
     pub error: Option<String>,
 }
 

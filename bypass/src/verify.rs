@@ -65,7 +65,8 @@ pub fn verify(redirector: &Redirector, cgroup: &Path) -> Result<(), VerifyError>
     };
     let mut maps =
         RuleMaps::from_ebpf(redirector.ebpf()).map_err(|err| VerifyError::Setup(err.into()))?;
-    maps.add(&rule)
+    let rule_id = maps.check_rule_id();
+    maps.insert(&rule, rule_id)
         .map_err(|err| VerifyError::Setup(err.into()))?;
     log::debug!("checking the redirect with the temporary rule {rule}");
     let result = probe(cgroup, rule.from, &target, &source);

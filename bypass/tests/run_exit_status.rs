@@ -179,6 +179,16 @@ fn sigint_reaches_command() {
     signal_is_forwarded("sigint_reaches_command", libc::SIGINT, "INT");
 }
 
+#[test]
+fn sighup_reaches_command() {
+    signal_is_forwarded("sighup_reaches_command", libc::SIGHUP, "HUP");
+}
+
+#[test]
+fn sigquit_reaches_command() {
+    signal_is_forwarded("sigquit_reaches_command", libc::SIGQUIT, "QUIT");
+}
+
 /// A process the test started, killed by pid on drop if it still runs.
 struct Daemon(libc::pid_t);
 

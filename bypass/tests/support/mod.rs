@@ -165,7 +165,7 @@ impl Drop for Netns {
     }
 }
 
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
+/// Returns the cgroup v2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> PathBuf {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
     text.lines()
@@ -177,7 +177,7 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("a cgroup v2 mount")
 }
 
-/// The cgroup v2 directory of this test process.
+/// Returns the cgroup v2 directory of this test process.
 pub fn own_cgroup() -> PathBuf {
     let text = fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
     let relative = text
@@ -406,11 +406,10 @@ pub fn bypass(args: &[&str]) -> Output {
         .expect("run bypass")
 }
 
-/// A `bypass attach` process in the background, stopped by pid on drop.
+/// A `bypass attach` process in the background, stopped by pid with SIGTERM on drop, so that
+/// it detaches cleanly.
 pub struct Attached {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    reader: Option<thread::JoinHandle<()>>,
+    process: Background,
 }
 
 impl Attached {
@@ -424,32 +423,13 @@ impl Attached {
 
     /// Starts `command`, a `bypass attach` command line, and waits as [`Attached::start`]
     /// does.
-    pub fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start bypass attach");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("stderr pipe");
-        let reader = {
-            let stderr = stderr.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut text = stderr.lock().expect("stderr lock");
-                    text.push_str(&line);
-                    text.push('\n');
-                }
-            })
-        };
+    pub fn spawn(command: Command) -> Self {
         let mut attached = Self {
-            child,
-            stderr,
-            reader: Some(reader),
+            process: Background::spawn(command),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !attached.stderr().contains("redirecting; stop with") {
-            if let Ok(Some(status)) = attached.child.try_wait() {
+            if let Ok(Some(status)) = attached.process.child.try_wait() {
                 panic!("bypass attach exited with {status}:\n{}", attached.stderr());
             }
             assert!(
@@ -463,50 +443,37 @@ impl Attached {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.pid()
     }
 
-    /// Everything bypass wrote to stderr so far.
+    /// Returns everything bypass wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr lock").clone()
+        self.process.stderr()
     }
 
     /// Waits until stderr contains `text`, for at most 5 seconds; returns whether it did.
     pub fn wait_for_log(&self, text: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.stderr().contains(text) {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait_until_for(Duration::from_secs(5), || self.stderr().contains(text))
     }
 
     /// Sends `signal` and waits for the exit; returns the status and the whole stderr.
-    pub fn stop_with(self, signal: i32) -> (ExitStatus, String) {
-        // SAFETY: signals our own child, which has not been reaped.
-        unsafe { libc::kill(self.pid(), signal) };
-        self.wait()
+    pub fn stop_with(mut self, signal: i32) -> (ExitStatus, String) {
+        self.process.signal(signal);
+        self.process.finish()
     }
 
     /// Waits for bypass to exit by itself (killing it after 10 seconds); returns the status
     /// and the whole stderr.
     pub fn wait(mut self) -> (ExitStatus, String) {
-        let status = wait_timeout(&mut self.child, Duration::from_secs(10));
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        (status, self.stderr())
+        self.process.finish()
     }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: as in `stop_with`.
-            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-            let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
+        if let Ok(None) = self.process.child.try_wait() {
+            self.process.signal(libc::SIGTERM);
+            let _ = self.process.finish();
         }
     }
 }
