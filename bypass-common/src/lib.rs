@@ -7,6 +7,7 @@
 //! the programs compare and copy them without conversion.
 #![no_std]
 
+pub mod hit;
 pub mod origin;
 pub mod ratelimit;
 
@@ -19,7 +20,7 @@ pub const PROTO_UDP: u8 = 17;
 pub const RULES4_MAP: &str = "RULES4";
 /// Name of the IPv6 rule map (`HashMap<RuleKey6, RuleTarget6>`).
 pub const RULES6_MAP: &str = "RULES6";
-/// Name of the per-CPU hit counters, indexed by rule id.
+/// Name of the hit counters, indexed by rule id.
 pub const HITS_MAP: &str = "HITS";
 /// Name of the per-CPU hit log statistics, indexed by [`LogStat`].
 pub const LOG_STATS_MAP: &str = "LOG_STATS";

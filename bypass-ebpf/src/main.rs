@@ -6,22 +6,24 @@
 //! line or a reverse mapping, never the redirect.
 #![no_std]
 #![no_main]
-
-use core::net::{Ipv4Addr, Ipv6Addr};
+// For the atomic add in `count_hit`; aya-ebpf needs the same feature.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 use aya_ebpf::{
-    EbpfContext, Global,
+    Global,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
     btf_maps::SkStorage,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
 use bypass_common::{
-    DEFAULT_LOG_RATE, DEFAULT_MAX_RULES, LOG_STATS_LEN, LogStat, PROTO_TCP, RuleKey4, RuleKey6,
-    RuleTarget4, RuleTarget6, ipv4_from_mapped, ipv4_to_mapped,
+    DEFAULT_LOG_RATE, DEFAULT_MAX_RULES, LOG_STATS_LEN, LogStat, RuleKey4, RuleKey6, RuleTarget4,
+    RuleTarget6,
+    hit::{AddrForm, HitRecord, Hook},
+    ipv4_from_mapped, ipv4_to_mapped,
     origin::{OriginSlot, SocketOrigins},
     ratelimit::RateWindow,
 };
@@ -39,8 +41,10 @@ static RULES4: HashMap<RuleKey4, RuleTarget4> =
 static RULES6: HashMap<RuleKey6, RuleTarget6> =
     HashMap::with_max_entries(DEFAULT_MAX_RULES, BPF_F_NO_PREALLOC);
 
+/// Hits of each rule. One shared counter per rule, added to atomically: a per-CPU array needs a
+/// per-CPU allocation for every slot, which took over 10 ms of every start with 16,384 slots.
 #[map]
-static HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_RULES, 0);
+static HITS: Array<u64> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
 
 /// Original destinations of each redirected socket, for `recvmsg` and `getpeername`; the
 /// kernel frees a socket's entry with the socket.
@@ -59,13 +63,13 @@ static LOG_RATE: Global<u32> = Global::new(DEFAULT_LOG_RATE);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    redirect4(&ctx, "connect4");
+    redirect4(&ctx, Hook::Connect4);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    redirect6(&ctx, "connect6");
+    redirect6(&ctx, Hook::Connect6);
     ALLOW
 }
 
@@ -73,13 +77,13 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 /// IPv4-mapped ones from `AF_INET6` sockets, which the kernel passes here.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect4(&ctx, "sendmsg4");
+    redirect4(&ctx, Hook::Sendmsg4);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    redirect6(&ctx, "sendmsg6");
+    redirect6(&ctx, Hook::Sendmsg6);
     ALLOW
 }
 
@@ -110,7 +114,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// Rewrites `user_ip4`/`user_port` when the destination has a rule.
 #[inline(always)]
-fn redirect4(ctx: &SockAddrContext, hook: &str) {
+fn redirect4(ctx: &SockAddrContext, hook: Hook) {
     // SAFETY: the kernel passes a valid `bpf_sock_addr` for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = RuleKey4::from_sock_addr(sa.user_ip4, sa.user_port, sa.protocol);
@@ -120,53 +124,47 @@ fn redirect4(ctx: &SockAddrContext, hook: &str) {
 
     sa.user_ip4 = target.addr;
     sa.user_port = u32::from(target.port);
-    hit4(ctx, hook, &key, &target, "");
+    hit(ctx, &hit4(hook, &key, &target, AddrForm::Ipv4));
 }
 
 /// Rewrites `user_ip6`/`user_port`: IPv4-mapped destinations by the IPv4 rules, written back
 /// IPv4-mapped, and native IPv6 destinations by the IPv6 rules.
 #[inline(always)]
-fn redirect6(ctx: &SockAddrContext, hook: &str) {
+fn redirect6(ctx: &SockAddrContext, hook: Hook) {
     // SAFETY: as in `redirect4`.
     let sa = unsafe { &mut *ctx.sock_addr };
     let user_ip6 = sa.user_ip6;
 
-    if let Some(ip4) = ipv4_from_mapped(user_ip6) {
+    // One call of `hit` for both branches, so the verifier walks the hit log code once.
+    let record = if let Some(ip4) = ipv4_from_mapped(user_ip6) {
         let key = RuleKey4::from_sock_addr(ip4, sa.user_port, sa.protocol);
         let Some(target) = lookup4(&key) else {
             return;
         };
         write_user_ip6(sa, ipv4_to_mapped(target.addr));
         sa.user_port = u32::from(target.port);
-        hit4(ctx, hook, &key, &target, "::ffff:");
-        return;
-    }
-
-    let key = RuleKey6::from_sock_addr(user_ip6, sa.user_port, sa.protocol);
-    // SAFETY: the value is copied out at once, as in `lookup4`.
-    let Some(target) = (unsafe { RULES6.get(&key) }).copied() else {
-        return;
+        hit4(hook, &key, &target, AddrForm::Ipv4Mapped)
+    } else {
+        let key = RuleKey6::from_sock_addr(user_ip6, sa.user_port, sa.protocol);
+        // SAFETY: the value is copied out at once, as in `lookup4`.
+        let Some(target) = (unsafe { RULES6.get(&key) }).copied() else {
+            return;
+        };
+        write_user_ip6(sa, target.addr);
+        sa.user_port = u32::from(target.port);
+        HitRecord {
+            from_addr: key.addr,
+            to_addr: target.addr,
+            from_port: key.port,
+            to_port: target.port,
+            rule_id: target.rule_id,
+            hook: hook as u8,
+            protocol: key.protocol,
+            form: AddrForm::Ipv6 as u8,
+            ..HitRecord::default()
+        }
     };
-    write_user_ip6(sa, target.addr);
-    sa.user_port = u32::from(target.port);
-    remember(ctx, target.addr, target.port, user_ip6, key.port);
-    count_hit(target.rule_id);
-    if admit_log_line() {
-        let (pid, mut comm) = current_task();
-        info!(
-            ctx,
-            "redirect {} {} [{:i}]:{} -> [{:i}]:{} rule {} pid {} comm {}",
-            hook,
-            protocol_name(key.protocol),
-            ipv6(key.addr),
-            u16::from_be(key.port),
-            ipv6(target.addr),
-            u16::from_be(target.port),
-            target.rule_id,
-            pid,
-            comm_str(&mut comm)
-        );
-    }
+    hit(ctx, &record);
 }
 
 /// Returns the target of the IPv4 rule for `key`, if there is one.
@@ -177,31 +175,40 @@ fn lookup4(key: &RuleKey4) -> Option<RuleTarget4> {
     unsafe { RULES4.get(key) }.copied()
 }
 
-/// Records, counts and logs a hit of an IPv4 rule whose rewrite is done. `prefix` is
-/// `"::ffff:"` when the socket is `AF_INET6` and the addresses are IPv4-mapped.
+/// Returns the record of a hit of an IPv4 rule, addresses in IPv4-mapped form.
 #[inline(always)]
-fn hit4(ctx: &SockAddrContext, hook: &str, key: &RuleKey4, target: &RuleTarget4, prefix: &str) {
-    let (addr, origin) = (ipv4_to_mapped(target.addr), ipv4_to_mapped(key.addr));
-    remember(ctx, addr, target.port, origin, key.port);
-    count_hit(target.rule_id);
+fn hit4(hook: Hook, key: &RuleKey4, target: &RuleTarget4, form: AddrForm) -> HitRecord {
+    HitRecord {
+        from_addr: ipv4_to_mapped(key.addr),
+        to_addr: ipv4_to_mapped(target.addr),
+        from_port: key.port,
+        to_port: target.port,
+        rule_id: target.rule_id,
+        hook: hook as u8,
+        protocol: key.protocol,
+        form: form as u8,
+        ..HitRecord::default()
+    }
+}
+
+/// Records, counts and logs a redirect that is done.
+#[inline(always)]
+fn hit(ctx: &SockAddrContext, record: &HitRecord) {
+    remember(
+        ctx,
+        record.to_addr,
+        record.to_port,
+        record.from_addr,
+        record.from_port,
+    );
+    count_hit(record.rule_id);
 
     if admit_log_line() {
-        let (pid, mut comm) = current_task();
-        info!(
-            ctx,
-            "redirect {} {} {}{:i}:{} -> {}{:i}:{} rule {} pid {} comm {}",
-            hook,
-            protocol_name(key.protocol),
-            prefix,
-            Ipv4Addr::from(key.addr.to_ne_bytes()),
-            u16::from_be(key.port),
-            prefix,
-            Ipv4Addr::from(target.addr.to_ne_bytes()),
-            u16::from_be(target.port),
-            target.rule_id,
-            pid,
-            comm_str(&mut comm)
-        );
+        let mut record = *record;
+        record.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        record.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let bytes = record.to_bytes();
+        info!(ctx, "hit {:x}", &bytes[..]);
     }
 }
 
@@ -277,8 +284,19 @@ fn lookup_origin(ctx: &SockAddrContext, addr: [u32; 4], user_port: u32) -> Optio
 #[inline(always)]
 fn count_hit(rule_id: u32) {
     if let Some(hits) = HITS.get_ptr_mut(rule_id) {
-        // SAFETY: per-CPU slot; no other program run touches it while this one runs.
-        unsafe { *hits += 1 };
+        // An atomic add instruction (BPF_ATOMIC | BPF_ADD, with no fetch). Rust offers no
+        // `fetch_add` on this target, which lacks compare-and-swap.
+        // SAFETY: `hits` points to a live, aligned `u64` of the map, which is only ever
+        // changed by this instruction and by user space.
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({hits} + 0) += {one}",
+                hits = in(reg) hits,
+                one = in(reg) 1u64,
+                options(nostack),
+            );
+        }
     }
 }
 
@@ -292,7 +310,7 @@ fn admit_log_line() -> bool {
         return false;
     }
     let admitted = match LOG_WINDOW.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, as in `count_hit`.
+        // SAFETY: per-CPU slot; no other program run touches it while this one runs.
         Some(window) => unsafe { (*window).admit(bpf_ktime_get_ns(), rate) },
         None => false,
     };
@@ -302,44 +320,10 @@ fn admit_log_line() -> bool {
         LogStat::RateLimited
     };
     if let Some(count) = LOG_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, as in `count_hit`.
+        // SAFETY: per-CPU slot; no other program run touches it while this one runs.
         unsafe { *count += 1 };
     }
     admitted
-}
-
-/// Returns the thread group id (the user-space pid) and command name of the current task.
-#[inline(always)]
-fn current_task() -> (u32, [u8; 16]) {
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    (pid, comm)
-}
-
-/// Returns the command name as a fixed 16-byte string, NUL padded, with every non-ASCII byte
-/// replaced by `?`. The fixed length matters: a string of variable length makes the verifier
-/// walk the aya-log copy once per possible length, which took about 150 ms per load.
-#[inline(always)]
-fn comm_str(comm: &mut [u8; 16]) -> &str {
-    for byte in comm.iter_mut() {
-        if !byte.is_ascii() {
-            *byte = b'?';
-        }
-    }
-    // SAFETY: the loop above left only ASCII bytes.
-    unsafe { core::str::from_utf8_unchecked(&comm[..]) }
-}
-
-#[inline(always)]
-fn protocol_name(protocol: u8) -> &'static str {
-    if protocol == PROTO_TCP { "tcp" } else { "udp" }
-}
-
-#[inline(always)]
-fn ipv6(words: [u32; 4]) -> Ipv6Addr {
-    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size, and any bytes are a valid `u8`.
-    let octets: [u8; 16] = unsafe { core::mem::transmute(words) };
-    Ipv6Addr::from(octets)
 }
 
 #[cfg(not(test))]

@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use aya::maps::{MapData, PerCpuArray};
 use aya_log::EbpfLogger;
-use bypass_common::{LOG_STATS_MAP, LogStat};
+use bypass_common::{
+    LOG_STATS_MAP, LogStat, PROTO_TCP,
+    hit::{AddrForm, HitRecord, Hook},
+};
 use tokio::{sync::oneshot, task::JoinHandle, time};
 
-use crate::{loader::Redirector, rule::RuleSet};
+use crate::{loader::Redirector, rule::RuleSet, rulemap::ipv6_from_words};
 
 /// How often the reader drains the ring buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -41,7 +44,7 @@ impl HitLog {
         let stats = ebpf
             .take_map(LOG_STATS_MAP)
             .and_then(|map| PerCpuArray::<MapData, u64>::try_from(map).ok());
-        let logger = match EbpfLogger::init_with_logger(ebpf, TrimPadding) {
+        let logger = match EbpfLogger::init_with_logger(ebpf, HitLines) {
             Ok(logger) => logger,
             Err(err) => {
                 log::warn!("the hit log is off: {err}");
@@ -61,7 +64,7 @@ impl HitLog {
 }
 
 async fn drain(
-    mut logger: EbpfLogger<TrimPadding>,
+    mut logger: EbpfLogger<HitLines>,
     stats: Option<PerCpuArray<MapData, u64>>,
     mut stopped: oneshot::Receiver<()>,
 ) -> LogTotals {
@@ -90,20 +93,21 @@ async fn drain(
     }
 }
 
-/// Passes hit log records on to the global logger without the NUL padding of the command
-/// name, which the programs log as a fixed 16-byte string, always as the last field.
-struct TrimPadding;
+/// Passes the records of the programs on to the global logger, hit records turned into their
+/// line (see [`bypass_common::hit`]).
+struct HitLines;
 
-impl log::Log for TrimPadding {
+impl log::Log for HitLines {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         log::logger().enabled(metadata)
     }
 
     fn log(&self, record: &log::Record<'_>) {
         let text = record.args().to_string();
+        let line = HitRecord::parse(&text).map_or(text, |hit| format_hit(&hit));
         log::logger().log(
             &log::Record::builder()
-                .args(format_args!("{}", text.trim_end_matches('\0')))
+                .args(format_args!("{line}"))
                 .level(record.level())
                 .target(record.target())
                 .module_path(record.module_path())
@@ -115,6 +119,45 @@ impl log::Log for TrimPadding {
 
     fn flush(&self) {
         log::logger().flush();
+    }
+}
+
+/// Formats a hit as `redirect HOOK PROTOCOL FROM -> TO rule ID pid PID comm COMM`.
+pub fn format_hit(hit: &HitRecord) -> String {
+    let hook = Hook::from_u8(hit.hook).map_or("?", Hook::name);
+    let protocol = if hit.protocol == PROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    };
+    let form = hit.addr_form().unwrap_or(AddrForm::Ipv6);
+    let from = format_addr(form, hit.from_addr, hit.from_port);
+    let to = format_addr(form, hit.to_addr, hit.to_port);
+    let comm: String = hit
+        .comm
+        .iter()
+        .take_while(|&&byte| byte != 0)
+        .map(|&byte| {
+            if byte.is_ascii_graphic() || byte == b' ' {
+                char::from(byte)
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    format!(
+        "redirect {hook} {protocol} {from} -> {to} rule {} pid {} comm {comm}",
+        hit.rule_id, hit.pid
+    )
+}
+
+fn format_addr(form: AddrForm, words: [u32; 4], port: u16) -> String {
+    let port = u16::from_be(port);
+    let ip = ipv6_from_words(words);
+    match (form, ip.to_ipv4_mapped()) {
+        (AddrForm::Ipv4, Some(ip4)) => format!("{ip4}:{port}"),
+        (AddrForm::Ipv4Mapped, Some(ip4)) => format!("::ffff:{ip4}:{port}"),
+        _ => format!("[{ip}]:{port}"),
     }
 }
 
@@ -161,6 +204,76 @@ pub fn format_hits(rule: &str, count: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hit(form: AddrForm, from: [u32; 4], to: [u32; 4]) -> HitRecord {
+        HitRecord {
+            from_addr: from,
+            to_addr: to,
+            from_port: 80u16.to_be(),
+            to_port: 3000u16.to_be(),
+            rule_id: 2,
+            pid: 4242,
+            hook: Hook::Connect4 as u8,
+            protocol: PROTO_TCP,
+            form: form as u8,
+            _pad: 0,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    fn mapped(ip: [u8; 4]) -> [u32; 4] {
+        bypass_common::ipv4_to_mapped(u32::from_ne_bytes(ip))
+    }
+
+    #[test]
+    fn hit_lines_show_each_address_form() {
+        let v4 = hit(
+            AddrForm::Ipv4,
+            mapped([10, 0, 0, 22]),
+            mapped([10, 0, 0, 23]),
+        );
+        assert_eq!(
+            format_hit(&v4),
+            "redirect connect4 tcp 10.0.0.22:80 -> 10.0.0.23:3000 rule 2 pid 4242 comm curl"
+        );
+        let on_v6_socket = HitRecord {
+            hook: Hook::Sendmsg6 as u8,
+            protocol: bypass_common::PROTO_UDP,
+            form: AddrForm::Ipv4Mapped as u8,
+            ..v4
+        };
+        assert_eq!(
+            format_hit(&on_v6_socket),
+            "redirect sendmsg6 udp ::ffff:10.0.0.22:80 -> ::ffff:10.0.0.23:3000 rule 2 pid 4242 \
+             comm curl"
+        );
+        let fd00 = |last: u8| {
+            let mut octets = [0u8; 16];
+            octets[0] = 0xfd;
+            octets[15] = last;
+            crate::rulemap::ipv6_words(octets)
+        };
+        let v6 = hit(AddrForm::Ipv6, fd00(0x22), fd00(1));
+        assert_eq!(
+            format_hit(&v6),
+            "redirect connect4 tcp [fd00::22]:80 -> [fd00::1]:3000 rule 2 pid 4242 comm curl"
+        );
+    }
+
+    #[test]
+    fn hit_lines_replace_odd_command_bytes() {
+        let mut odd = hit(
+            AddrForm::Ipv4,
+            mapped([10, 0, 0, 22]),
+            mapped([10, 0, 0, 22]),
+        );
+        odd.comm = *b"a\tb\xffc\0\0\0\0\0\0\0\0\0\0\0";
+        assert!(
+            format_hit(&odd).ends_with("comm a?b?c"),
+            "{}",
+            format_hit(&odd)
+        );
+    }
 
     #[test]
     fn summary_line_counts_hits() {

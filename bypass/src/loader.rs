@@ -8,7 +8,7 @@ use std::{fs::File, net::IpAddr, path::Path};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
         links::FdLink,
@@ -146,6 +146,7 @@ impl Redirector {
         // One slot more than --max-rules, for the temporary rule of the check after attaching.
         let capacity = options.max_rules.saturating_add(1);
         // The programs need no relocation against kernel types: skip parsing the kernel's BTF.
+        let started = std::time::Instant::now();
         let mut ebpf = crate::kernel_btf::without_kernel_btf(|| {
             EbpfLoader::new()
                 .map_max_entries(RULES4_MAP, capacity)
@@ -156,6 +157,7 @@ impl Redirector {
                 .load(EBPF_OBJECT)
         })
         .map_err(object_error)?;
+        log::debug!("created the maps in {:.1?}", started.elapsed());
 
         let mut loaded = Vec::new();
         for &(name, required, lost) in PROGRAMS {
@@ -164,8 +166,20 @@ impl Redirector {
                 .ok_or(LoadError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| LoadError::Program { name, source })?;
+            let started = std::time::Instant::now();
             match program.load() {
-                Ok(()) => loaded.push(name),
+                Ok(()) => {
+                    let verified = program
+                        .info()
+                        .ok()
+                        .and_then(|info| info.verified_instruction_count());
+                    log::debug!(
+                        "loaded {name} in {:.1?}, {} instructions verified",
+                        started.elapsed(),
+                        verified.map_or("?".to_owned(), |count| count.to_string())
+                    );
+                    loaded.push(name);
+                }
                 Err(err) if !required => {
                     log::warn!("{name} is not available on this kernel ({err}); {lost}");
                 }
@@ -254,7 +268,7 @@ impl Redirector {
             .map_err(|source| LoadError::Program { name, source })
     }
 
-    /// Returns the hit count of each rule, in rule id order, summed over CPUs.
+    /// Returns the hit count of each rule, in rule id order.
     pub fn hits(&self) -> Result<Vec<u64>, LoadError> {
         let map_error = |source| LoadError::Map {
             map: HITS_MAP,
@@ -266,9 +280,9 @@ impl Redirector {
                 name: HITS_MAP.into(),
             },
         })?;
-        let hits: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error)?;
+        let hits: Array<&MapData, u64> = Array::try_from(map).map_err(map_error)?;
         (0..self.rule_count)
-            .map(|rule_id| Ok(hits.get(&rule_id, 0).map_err(map_error)?.iter().sum()))
+            .map(|rule_id| hits.get(&rule_id, 0).map_err(map_error))
             .collect()
     }
 

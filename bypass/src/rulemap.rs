@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError},
 };
 use bypass_common::{
     HITS_MAP, PROTO_UDP, RULES4_MAP, RULES6_MAP, RuleKey4, RuleKey6, RuleTarget4, RuleTarget6,
@@ -37,8 +37,6 @@ pub struct MapIds {
 pub enum RuleMapError {
     #[error("cannot access map {map}")]
     Map { map: &'static str, source: MapError },
-    #[error("cannot count the CPUs of this host: {0}")]
-    Cpus(String),
     #[error("the attachment has no rule for {0}")]
     NoSuchRule(String),
     #[error("the attachment already has a rule for {existing}; delete it first")]
@@ -91,7 +89,8 @@ pub fn ipv6_words(octets: [u8; 16]) -> [u32; 4] {
     [word(0), word(4), word(8), word(12)]
 }
 
-fn ipv6_from_words(words: [u32; 4]) -> Ipv6Addr {
+/// Joins the four words of a map key back into an IPv6 address.
+pub fn ipv6_from_words(words: [u32; 4]) -> Ipv6Addr {
     let mut octets = [0u8; 16];
     for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
         chunk.copy_from_slice(&word.to_ne_bytes());
@@ -132,7 +131,7 @@ pub fn decode6(key: &RuleKey6, target: &RuleTarget6) -> (Rule, u32) {
 /// Returns the [`MapData`] inside the kinds of map that bypass uses.
 fn map_data(map: &Map) -> Option<&MapData> {
     match map {
-        Map::HashMap(data) | Map::PerCpuArray(data) => Some(data),
+        Map::HashMap(data) | Map::Array(data) => Some(data),
         _ => None,
     }
 }
@@ -173,7 +172,7 @@ pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<(), aya::pin::PinError> {
 pub struct RuleMaps {
     v4: HashMap<MapData, RuleKey4, RuleTarget4>,
     v6: HashMap<MapData, RuleKey6, RuleTarget6>,
-    hits: PerCpuArray<MapData, u64>,
+    hits: Array<MapData, u64>,
 }
 
 impl RuleMaps {
@@ -227,8 +226,7 @@ impl RuleMaps {
                 .map_err(convert(RULES4_MAP))?,
             v6: HashMap::try_from(typed(RULES6_MAP, open(RULES6_MAP)?)?)
                 .map_err(convert(RULES6_MAP))?,
-            hits: PerCpuArray::try_from(typed(HITS_MAP, open(HITS_MAP)?)?)
-                .map_err(convert(HITS_MAP))?,
+            hits: Array::try_from(typed(HITS_MAP, open(HITS_MAP)?)?).map_err(convert(HITS_MAP))?,
         })
     }
 
@@ -253,16 +251,14 @@ impl RuleMaps {
         Ok(rules)
     }
 
-    /// Returns the hits of rule `rule_id`, summed over CPUs.
+    /// Returns the hits of rule `rule_id`.
     pub fn hits(&self, rule_id: u32) -> Result<u64, RuleMapError> {
-        let values = self
-            .hits
+        self.hits
             .get(&rule_id, 0)
             .map_err(|source| RuleMapError::Map {
                 map: HITS_MAP,
                 source,
-            })?;
-        Ok(values.iter().sum())
+            })
     }
 
     /// Returns the rule id kept for the temporary rule of the check after attaching: the last
@@ -337,15 +333,12 @@ impl RuleMaps {
     }
 
     fn reset_hits(&mut self, rule_id: u32) -> Result<(), RuleMapError> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, err)| RuleMapError::Cpus(format!("{what}: {err}")))?;
-        let map_error = |source| RuleMapError::Map {
-            map: HITS_MAP,
-            source,
-        };
-        let zeros = PerCpuValues::try_from(vec![0u64; cpus])
-            .map_err(|err| RuleMapError::Cpus(err.to_string()))?;
-        self.hits.set(rule_id, zeros, 0).map_err(map_error)
+        self.hits
+            .set(rule_id, 0, 0)
+            .map_err(|source| RuleMapError::Map {
+                map: HITS_MAP,
+                source,
+            })
     }
 }
 
