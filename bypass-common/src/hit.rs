@@ -1,4 +1,4 @@
-//! The hit log record: what a program knows about one redirect, sent through aya-log as bytes.
+//! The hit log record: the facts of one redirect, sent through aya-log as bytes.
 //!
 //! A program could format the line itself with one aya-log argument per field, but every
 //! argument adds code that the verifier walks once for each buffer size aya-log may reserve,
@@ -47,7 +47,7 @@ impl Hook {
     }
 }
 
-/// How the addresses of a record are written in the line.
+/// The notation of a record's addresses in its line.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrForm {
@@ -64,7 +64,7 @@ pub enum AddrForm {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HitRecord {
-    /// The destination the socket asked for.
+    /// The destination requested by the socket.
     pub from_addr: [u32; 4],
     /// The destination it was given.
     pub to_addr: [u32; 4],

@@ -260,13 +260,6 @@ impl ChildCgroup {
         &self.path
     }
 
-    /// Opens `cgroup.procs` for writing, so a child process can move itself in with `write`.
-    pub fn open_procs(&self) -> io::Result<fs::File> {
-        fs::OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
-    }
-
     /// Returns the pids in the cgroup.
     pub fn pids(&self) -> io::Result<Vec<u32>> {
         let text = fs::read_to_string(self.path.join("cgroup.procs"))?;

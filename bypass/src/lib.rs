@@ -21,6 +21,7 @@ pub mod rule;
 pub mod rulemap;
 pub mod run;
 mod setup;
+pub mod spawn;
 pub mod status;
 pub mod target;
 pub mod user;

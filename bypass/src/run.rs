@@ -3,19 +3,13 @@
 use std::{
     ffi::{OsStr, OsString},
     io,
-    os::{
-        fd::AsRawFd,
-        unix::{ffi::OsStrExt, process::ExitStatusExt},
-    },
+    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
     path::{Path, PathBuf},
     process::ExitStatus,
 };
 
 use anyhow::Context as _;
-use tokio::{
-    process::{Child, Command},
-    signal::unix::{Signal, SignalKind, signal},
-};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cgroup::{self, ChildCgroup},
@@ -23,6 +17,7 @@ use crate::{
     exit,
     hitlog::{self, HitLog},
     record, setup,
+    spawn::{self, CgroupEntry, Prepared, SpawnError},
     user::RunAs,
     verify,
 };
@@ -84,7 +79,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let _record = record::Running::write(cgroup.path(), &redirector);
     let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
     let status = match result {
-        Ok(child) => Ok(signals.forward_until_exit(child).await?),
+        Ok(pid) => Ok(signals.forward_until_exit(pid).await?),
         Err(err) => Err(err),
     };
 
@@ -118,54 +113,46 @@ fn resolve_command(name: &OsStr) -> Result<PathBuf, CommandError> {
         .ok_or(CommandError::NotFound(shown))
 }
 
-/// Starts the command so that it joins the cgroup before `exec`: its first instruction
-/// already runs inside, and so does every socket it creates.
+/// Starts the command inside the cgroup: its first instruction already runs there, and so
+/// does every socket it creates. Returns its pid.
 fn spawn_in_cgroup(
     program: &Path,
     name: &OsStr,
     arguments: &[OsString],
     cgroup: &ChildCgroup,
     user: Option<&RunAs>,
-) -> anyhow::Result<Child> {
-    let procs = cgroup
-        .open_procs()
-        .with_context(|| format!("cannot open {}/cgroup.procs", cgroup.path().display()))?;
-    let procs_fd = procs.as_raw_fd();
-
-    let mut command = Command::new(program);
-    command.arg0(name).args(arguments);
-    // SAFETY: the closure runs between fork and exec and calls only `write`, which is
-    // async-signal-safe; `procs` stays open in the parent until `spawn` returns.
-    unsafe {
-        command.pre_exec(move || {
-            // "0" moves the writing process itself.
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) == 1 {
-                Ok(())
-            } else {
-                Err(io::Error::other(format!(
-                    "cannot join the cgroup: {}",
-                    io::Error::last_os_error()
-                )))
-            }
-        });
-    }
+) -> anyhow::Result<libc::pid_t> {
+    let entry = CgroupEntry::open(cgroup.path())
+        .with_context(|| format!("cannot open cgroup {}", cgroup.path().display()))?;
+    let argv: Vec<&OsStr> = std::iter::once(name)
+        .chain(arguments.iter().map(OsString::as_os_str))
+        .collect();
+    let env = user.map(RunAs::env).unwrap_or_default();
+    let mut command = Prepared::new(program, &argv, &env)
+        .with_context(|| format!("cannot prepare {}", program.display()))?;
     if let Some(user) = user {
-        user.apply(&mut command);
+        command.run_as(user.uid, user.gid, user.groups.clone());
     }
 
-    let child = command.spawn().map_err(|source| {
-        let shown = name.to_string_lossy().into_owned();
-        match source.kind() {
-            io::ErrorKind::NotFound => CommandError::NotFound(shown),
-            _ => CommandError::NotExecutable {
+    let shown = name.to_string_lossy().into_owned();
+    let pid = spawn::spawn(&entry, &command).map_err(|err| -> anyhow::Error {
+        match err {
+            SpawnError::Exec(source) if source.kind() == io::ErrorKind::NotFound => {
+                CommandError::NotFound(shown).into()
+            }
+            SpawnError::Exec(source) => CommandError::NotExecutable {
                 command: shown,
                 source,
-            },
+            }
+            .into(),
+            SpawnError::User(source) => {
+                anyhow::Error::new(source).context(format!("cannot run {shown} as the user"))
+            }
+            other => anyhow::Error::new(other),
         }
     })?;
-    drop(procs);
-    log::debug!("started {} as pid {:?}", program.display(), child.id());
-    Ok(child)
+    log::debug!("started {} as pid {pid}", program.display());
+    Ok(pid)
 }
 
 /// The signals that `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
@@ -223,18 +210,21 @@ impl Signals {
     ///
     /// NOTE: a Ctrl-C in a terminal reaches the command twice, once from the terminal and
     /// once from bypass. A command that treats a second SIGINT as "force quit" may notice.
-    async fn forward_until_exit(&mut self, mut child: Child) -> anyhow::Result<ExitStatus> {
+    async fn forward_until_exit(&mut self, pid: libc::pid_t) -> anyhow::Result<ExitStatus> {
+        // The waiter leaves the child unreaped, so `pid` stays ours for `kill` below.
+        let mut exited = tokio::task::spawn_blocking(move || spawn::wait_exited(pid));
         loop {
             let signal = tokio::select! {
-                status = child.wait() => return Ok(status?),
+                waited = &mut exited => {
+                    waited.context("the waiting thread failed")?
+                        .context("cannot wait for the command")?;
+                    return spawn::reap(pid).context("cannot wait for the command");
+                }
                 signal = self.next() => signal,
             };
-            // `id()` is None once the child was reaped, so a reused pid is never signalled.
-            if let Some(pid) = child.id() {
-                log::debug!("passing signal {signal} on to pid {pid}");
-                // SAFETY: a plain syscall on our own child, which has not been reaped yet.
-                unsafe { libc::kill(pid as libc::pid_t, signal) };
-            }
+            log::debug!("passing signal {signal} on to pid {pid}");
+            // SAFETY: a plain syscall on our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, signal) };
         }
     }
 }

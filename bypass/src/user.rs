@@ -2,9 +2,7 @@
 
 use std::{
     ffi::{CStr, CString},
-    io, mem,
-    os::unix::process::CommandExt as _,
-    ptr,
+    io, mem, ptr,
 };
 
 /// Largest number of supplementary groups looked up for a user.
@@ -83,27 +81,13 @@ impl RunAs {
         })
     }
 
-    /// Makes `command` drop to this user after every earlier `pre_exec` step (joining the
-    /// cgroup needs root), and sets `HOME`, `USER` and `LOGNAME`.
-    pub fn apply(&self, command: &mut tokio::process::Command) {
-        command
-            .env("HOME", &self.home)
-            .env("USER", &self.name)
-            .env("LOGNAME", &self.name);
-        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
-        // SAFETY: the closure runs between fork and exec and makes only the async-signal-safe
-        // calls setgroups, setgid and setuid, on memory allocated before the fork.
-        unsafe {
-            command.as_std_mut().pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+    /// Returns the environment variables that name this user: `HOME`, `USER`, `LOGNAME`.
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("HOME", self.home.as_str()),
+            ("USER", self.name.as_str()),
+            ("LOGNAME", self.name.as_str()),
+        ]
     }
 }
 

@@ -1,15 +1,13 @@
 //! The check after attaching that the redirect really applies to the cgroup.
 //!
 //! A temporary rule sends `127.0.0.1:SOURCE` to `127.0.0.1:TARGET`, two loopback listeners of
-//! this process. A forked helper joins the cgroup and connects to SOURCE. The connection must
+//! this process. A helper process started in the cgroup connects to SOURCE. The connection must
 //! arrive at TARGET; arriving at SOURCE means the programs did not run for the helper. Nothing
 //! leaves loopback, and the rule is removed again before this returns.
 
 use std::{
-    fs,
     io::{self, ErrorKind},
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    os::fd::AsRawFd as _,
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -19,6 +17,7 @@ use crate::{
     loader::Redirector,
     rule::{Protocol, Rule},
     rulemap::RuleMaps,
+    spawn::{CgroupEntry, Forked},
 };
 
 /// How long the check waits for the helper's connection.
@@ -85,14 +84,11 @@ fn probe(
     source: &TcpListener,
 ) -> Result<(), VerifyError> {
     let shown = cgroup.display().to_string();
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .map_err(|source| VerifyError::CannotJoin {
-            cgroup: shown.clone(),
-            source,
-        })?;
-    match run_helper(procs.as_raw_fd(), from) {
+    let entry = CgroupEntry::open(cgroup).map_err(|source| VerifyError::CannotJoin {
+        cgroup: shown.clone(),
+        source,
+    })?;
+    match run_helper(&entry, from) {
         Ok(()) => {}
         Err(HelperError::Join(source)) => {
             return Err(VerifyError::CannotJoin {
@@ -152,8 +148,8 @@ enum HelperError {
 const JOIN_FAILED: i32 = 1;
 const CONNECT_FAILED: i32 = 101;
 
-/// Forks a helper that joins the cgroup through `procs_fd` and connects to `to`, then exits.
-fn run_helper(procs_fd: i32, to: SocketAddr) -> Result<(), HelperError> {
+/// Forks a helper that starts in the cgroup and connects to `to`, then exits.
+fn run_helper(entry: &CgroupEntry, to: SocketAddr) -> Result<(), HelperError> {
     let SocketAddr::V4(to) = to else {
         unreachable!("the check uses IPv4 loopback")
     };
@@ -165,16 +161,14 @@ fn run_helper(procs_fd: i32, to: SocketAddr) -> Result<(), HelperError> {
         },
         sin_zero: [0; 8],
     };
-    // SAFETY: the child calls only async-signal-safe functions (write, socket, connect,
-    // _exit) on memory prepared before the fork, so forking a threaded process is sound.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(HelperError::Join(io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: see above; the child never returns from this block.
-        unsafe { helper_child(procs_fd, &address) }
-    }
+    // SAFETY: the child calls only async-signal-safe functions (socket, connect, _exit) on
+    // memory prepared before the fork, so forking a threaded process is sound.
+    let forked = unsafe { entry.fork() }.map_err(HelperError::Join)?;
+    let pid = match forked {
+        // SAFETY: see above; the child never returns from this call.
+        Forked::Child { join_errno } => unsafe { helper_child(join_errno, &address) },
+        Forked::Parent(pid) => pid,
+    };
     let code = wait_helper(pid)?;
     match code {
         0 => Ok(()),
@@ -214,14 +208,14 @@ fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
     }
 }
 
-/// The helper's whole life: join, connect, exit with a status that tells the outcome.
-unsafe fn helper_child(procs_fd: i32, address: &libc::sockaddr_in) -> ! {
-    // SAFETY: plain syscalls on valid descriptors and memory; `_exit` skips atexit handlers.
+/// The helper's whole life: connect, exit with a status that tells the outcome.
+unsafe fn helper_child(join_errno: i32, address: &libc::sockaddr_in) -> ! {
+    // SAFETY: plain syscalls on valid memory; `_exit` skips atexit handlers.
     unsafe {
-        let errno = || *libc::__errno_location();
-        if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-            libc::_exit(JOIN_FAILED + errno().min(99));
+        if join_errno != 0 {
+            libc::_exit(JOIN_FAILED + join_errno.min(99));
         }
+        let errno = || *libc::__errno_location();
         let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         let connected = socket >= 0
             && libc::connect(
