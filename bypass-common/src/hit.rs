@@ -1,11 +1,11 @@
 //! The hit log record: the facts of one redirect, sent through aya-log as bytes.
 //!
-//! A program could format the line itself with one aya-log argument per field, but every
-//! argument adds code that the verifier walks once for each buffer size aya-log may reserve,
-//! and the line of eleven fields made loading take over 100 ms. A program therefore logs one
-//! fixed-size record as a single hex argument, `hit <128 hex digits>`, and the loader turns it
-//! back into the line `redirect connect4 tcp 10.0.0.22:80 -> 10.0.0.22:3000 rule 0 pid 7051
-//! comm curl`. A record the loader cannot decode is shown as it came.
+//! With `info!` and one argument per field, every argument adds code that the verifier walks
+//! once for each buffer size aya-log may reserve, and the line of eleven fields made loading
+//! take over 100 ms. A program therefore writes one aya-log message of constant size,
+//! `hit <128 hex digits>`, and the loader turns it back into the line `redirect connect4 tcp
+//! 10.0.0.22:80 -> 10.0.0.22:3000 rule 0 pid 7051 comm curl`. A message that is not a valid
+//! record is shown unchanged.
 
 /// Text before the hex digits of a record in the aya-log message.
 pub const HIT_PREFIX: &str = "hit ";
