@@ -160,26 +160,9 @@ impl Redirector {
         log::debug!("created the maps in {:.1?}", started.elapsed());
 
         let mut loaded = Vec::new();
-        for &(name, required, lost) in PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoadError::Program { name, source })?;
-            let started = std::time::Instant::now();
-            match program.load() {
-                Ok(()) => {
-                    let verified = program
-                        .info()
-                        .ok()
-                        .and_then(|info| info.verified_instruction_count());
-                    log::debug!(
-                        "loaded {name} in {:.1?}, {} instructions verified",
-                        started.elapsed(),
-                        verified.map_or("?".to_owned(), |count| count.to_string())
-                    );
-                    loaded.push(name);
-                }
+        for (&(name, required, lost), outcome) in PROGRAMS.iter().zip(load_programs(&mut ebpf)?) {
+            match outcome {
+                Ok(()) => loaded.push(name),
                 Err(err) if !required => {
                     log::warn!("{name} is not available on this kernel ({err}); {lost}");
                 }
@@ -315,6 +298,85 @@ impl Redirector {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// Loads every program of [`PROGRAMS`] and returns the outcomes in that order.
+///
+/// The verifier runs in the loading thread and, for a privileged loader, takes no global
+/// lock, so the programs are loaded by one thread per CPU (at most four), which divides the
+/// time the verifier takes by the number of CPUs.
+fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadError> {
+    let mut programs: Vec<(&'static str, &mut CgroupSockAddr)> = Vec::new();
+    let mut by_name: std::collections::HashMap<&str, &mut aya::programs::Program> =
+        ebpf.programs_mut().collect();
+    for &(name, _, _) in PROGRAMS {
+        let program = by_name
+            .remove(name)
+            .ok_or(LoadError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program { name, source })?;
+        programs.push((name, program));
+    }
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut outcomes: Vec<Option<Result<(), ProgramError>>> = Vec::new();
+    outcomes.resize_with(programs.len(), || None);
+    std::thread::scope(|scope| {
+        // Dealt out like cards, costliest first: the IPv6 programs take the verifier about
+        // twice as long as the IPv4 ones, and the recvmsg and getpeername ones a fifth.
+        let mut programs: Vec<_> = programs.into_iter().enumerate().collect();
+        programs.sort_by_key(|(index, (name, _))| (load_cost_rank(name), *index));
+        let mut shares: Vec<Vec<(usize, &'static str, &mut CgroupSockAddr)>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (deal, (index, (name, program))) in programs.into_iter().enumerate() {
+            shares[deal % threads].push((index, name, program));
+        }
+        let workers: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .map(|(index, name, program)| (index, load_one(name, program)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (index, outcome) in worker.join().expect("a program loading thread panicked") {
+                outcomes[index] = Some(outcome);
+            }
+        }
+    });
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every program was loaded"))
+        .collect())
+}
+
+/// Returns 0 for the programs that take the verifier longest, then 1 and 2.
+fn load_cost_rank(name: &str) -> u8 {
+    match name {
+        "connect6" | "sendmsg6" => 0,
+        "connect4" | "sendmsg4" => 1,
+        _ => 2,
+    }
+}
+
+/// Loads one program and logs, at debug, how long the verifier took.
+fn load_one(name: &str, program: &mut CgroupSockAddr) -> Result<(), ProgramError> {
+    let started = std::time::Instant::now();
+    program.load()?;
+    let verified = program
+        .info()
+        .ok()
+        .and_then(|info| info.verified_instruction_count());
+    log::debug!(
+        "loaded {name} in {:.1?}, {} instructions verified",
+        started.elapsed(),
+        verified.map_or("?".to_owned(), |count| count.to_string())
+    );
+    Ok(())
 }
 
 fn object_error(err: EbpfError) -> LoadError {

@@ -8,6 +8,7 @@
 use std::{
     io::{self, ErrorKind},
     net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -128,13 +129,36 @@ fn wait_for_arrival(
                 cgroup: cgroup.to_owned(),
             });
         }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(VerifyError::TimedOut {
                 cgroup: cgroup.to_owned(),
             });
         }
-        thread::sleep(Duration::from_millis(1));
+        poll_readable(&[target.as_raw_fd(), source.as_raw_fd()], left).map_err(setup)?;
     }
+}
+
+/// Waits until one of `fds` is readable or `timeout` has passed.
+fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<()> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: `polled` is a valid array of `polled.len()` entries.
+    let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, millis) };
+    if ready < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 enum HelperError {
@@ -184,6 +208,11 @@ fn run_helper(entry: &CgroupEntry, to: SocketAddr) -> Result<(), HelperError> {
 /// Waits up to [`TIMEOUT`] for the helper and returns its exit status. A helper that hangs
 /// (in a frozen cgroup, say) is killed and reaped.
 fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
+    // A pidfd becomes readable when the process exits (Linux 5.3). Without one, poll by pid.
+    // SAFETY: a plain syscall; `pid` is our unreaped child, so the pidfd is for it.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    // SAFETY: a descriptor just returned by pidfd_open, owned by nothing else.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
     let deadline = Instant::now() + TIMEOUT;
     let mut status = 0;
     loop {
@@ -196,7 +225,8 @@ fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
                 255
             });
         }
-        if reaped < 0 || Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if reaped < 0 || left.is_zero() {
             // SAFETY: `pid` is our unreaped child, so it cannot be another process.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -204,7 +234,13 @@ fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
             }
             return Err(HelperError::TimedOut);
         }
-        thread::sleep(Duration::from_millis(1));
+        match &pidfd {
+            Some(pidfd) => {
+                // An error here only means one more round of the loop.
+                let _ = poll_readable(&[pidfd.as_raw_fd()], left);
+            }
+            None => thread::sleep(Duration::from_millis(1)),
+        }
     }
 }
 
