@@ -1,10 +1,15 @@
-//! The reverse map: for each redirected socket, which destination the application asked for.
+//! The reverse map: for each redirected socket, which destination the application requested.
 //!
-//! Every redirect records, in the socket's own local storage, the new destination and the
-//! original one. The `recvmsg` and `getpeername` programs look the socket's current peer up
-//! there and, on a hit, report the original destination instead, so the application gets
+//! Every redirect records, in a hash map keyed by the socket's cookie, the new destination and
+//! the original one. The `recvmsg` and `getpeername` programs look the socket's current peer
+//! up there and, on a hit, report the original destination instead, so the application gets
 //! back the address it connected or sent to. Being per socket keeps the mapping exact even
-//! when two rules share one target, and the kernel frees it with the socket.
+//! when two rules share one target. The `sock_release` program deletes a socket's entry when
+//! the socket is closed.
+//!
+//! The map is not socket storage (`BPF_MAP_TYPE_SK_STORAGE`), which would free entries by
+//! itself but is slower to create: in one measurement on a 2-CPU VM, `connect4` took 1,050 ns
+//! per redirect with socket storage and 520 ns with this map, 140 ns of it for the cookie.
 //!
 //! A socket keeps [`ORIGIN_SLOTS`] mappings, enough for an unconnected UDP socket that sends
 //! to a few redirected destinations. A new destination takes a free slot, then the oldest
@@ -19,12 +24,16 @@
 //! socket, or one connected again) still sees replies from T as coming from the original
 //! address, until the mapping is pushed out by newer ones.
 //!
-//! NOTE: the storage is shared by all threads of the socket and written without a lock. Two
+//! NOTE: an entry is shared by all threads of the socket and written without a lock. Two
 //! threads that redirect sends of one socket at the same moment may take the same slot, and
 //! a reply read during such a write may see a mix of both mappings.
 
-/// Name of the socket storage map (`BPF_MAP_TYPE_SK_STORAGE`) of [`SocketOrigins`].
+/// Name of the hash map (`BPF_MAP_TYPE_HASH`) from socket cookie to [`SocketOrigins`].
 pub const ORIGINS_MAP: &str = "ORIGINS";
+
+/// Redirected sockets open at one time that the reverse map can hold. Past it, new sockets
+/// are still redirected, but report their new destination to `getpeername` and `recvmsg`.
+pub const MAX_SOCKETS: u32 = 65_536;
 
 /// Mappings one socket keeps; a power of two, so the oldest slot is a mask away.
 pub const ORIGIN_SLOTS: usize = 4;
@@ -43,7 +52,7 @@ pub struct OriginSlot {
     pub port: u16,
 }
 
-/// Value of the socket storage map: the last [`ORIGIN_SLOTS`] redirects of one socket.
+/// Value of the reverse map: the last [`ORIGIN_SLOTS`] redirects of one socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketOrigins {
@@ -65,6 +74,20 @@ mod pod {
 }
 
 impl SocketOrigins {
+    /// Returns the mappings of a socket whose first redirect is the one given, with the
+    /// arguments of [`Self::record`].
+    #[inline(always)]
+    pub fn first(new_addr: [u32; 4], new_user_port: u32, addr: [u32; 4], user_port: u32) -> Self {
+        let mut slots = [OriginSlot::default(); ORIGIN_SLOTS];
+        slots[0] = OriginSlot {
+            new_addr,
+            addr,
+            new_port: new_user_port as u16,
+            port: user_port as u16,
+        };
+        Self { written: 1, slots }
+    }
+
     /// Records that the socket asked for `addr`:`user_port` and now talks to
     /// `new_addr`:`new_user_port`. Addresses are in IPv6 form. Ports are raw 32-bit
     /// `bpf_sock_addr.user_port` values, with the network-order port in the low 16 bits.
@@ -159,6 +182,14 @@ mod tests {
         assert_eq!(slot.user_port(), port(53));
         assert_eq!(origins.lookup(ip(1), port(3001)), None);
         assert_eq!(origins.lookup(ip(2), port(3000)), None);
+    }
+
+    #[test]
+    fn first_equals_one_record() {
+        let mut recorded = SocketOrigins::default();
+        recorded.record(ip(1), port(3000), ip(22), port(80));
+        let first = SocketOrigins::first(ip(1), port(3000), ip(22), port(80));
+        assert_eq!(first, recorded);
     }
 
     #[test]

@@ -11,12 +11,14 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    btf_maps::SkStorage,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_map, cgroup_sock_addr, map},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, PerCpuArray},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::macro_support::{
     AYA_LOGS, Argument as _, DisplayHint, Field, Header, Level, LogValueLength, level_enabled,
@@ -26,7 +28,7 @@ use bypass_common::{
     RuleTarget6,
     hit::{AddrForm, HIT_PREFIX, HIT_RECORD_LEN, HitRecord, Hook},
     ipv4_from_mapped, ipv4_to_mapped,
-    origin::{OriginSlot, SocketOrigins},
+    origin::{MAX_SOCKETS, OriginSlot, SocketOrigins},
     ratelimit::RateWindow,
 };
 
@@ -48,10 +50,12 @@ static RULES6: HashMap<RuleKey6, RuleTarget6> =
 #[map]
 static HITS: Array<u64> = Array::with_max_entries(DEFAULT_MAX_RULES, 0);
 
-/// Original destinations of each redirected socket, for `recvmsg` and `getpeername`; the
-/// kernel frees a socket's entry with the socket.
-#[btf_map]
-static ORIGINS: SkStorage<SocketOrigins> = SkStorage::new();
+/// Original destinations of each redirected socket, by socket cookie, for `recvmsg` and
+/// `getpeername`. `sock_release` deletes a socket's entry when the socket is closed.
+/// Not preallocated, so that it costs memory only for the sockets open at a time.
+#[map]
+static ORIGINS: HashMap<u64, SocketOrigins> =
+    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[map]
 static LOG_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG_STATS_LEN, 0);
@@ -90,6 +94,16 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Restores the source address of a received UDP datagram, on connected sockets too.
+/// Deletes the reverse map entry of a socket that is closed. Sockets that were never
+/// redirected have none, and the delete finds nothing.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: `ctx.sock` is the socket of this run, which the helper reads.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let _ = ORIGINS.remove(&cookie);
+    ALLOW
+}
+
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
     restore4(&ctx);
@@ -288,16 +302,25 @@ fn write_user_ip6(sa: &mut bpf_sock_addr, addr: [u32; 4]) {
     sa.user_ip6[3] = addr[3];
 }
 
-/// Records in the socket's storage that it asked for `origin`:`origin_port` and now talks to
-/// `addr`:`port` (IPv6 form, network order). If the storage cannot be created, `recvmsg` and
-/// `getpeername` only go on reporting the new destination.
+/// Records that the socket requested `origin`:`origin_port` and now talks to `addr`:`port`
+/// (IPv6 form, network order). If the reverse map is full, `recvmsg` and `getpeername` go on
+/// reporting the new destination for this socket.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, addr: [u32; 4], port: u16, origin: [u32; 4], origin_port: u16) {
-    // SAFETY: `ctx` is the sock_addr context of this run, and the helper reads its `sk`. The
-    // storage it returns is zeroed on creation and lives as long as the socket.
-    let origins = unsafe { ORIGINS.get_or_insert_ptr_mut(ctx, None).as_mut() };
-    if let Some(origins) = origins {
-        origins.record(addr, u32::from(port), origin, u32::from(origin_port));
+    let (port, origin_port) = (u32::from(port), u32::from(origin_port));
+    // SAFETY: `ctx.sock_addr` is the context of this run, and the helper reads its `sk`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // Most sockets are redirected once, right after they were made: try a new entry first.
+    let first = SocketOrigins::first(addr, port, origin, origin_port);
+    if ORIGINS
+        .insert(&cookie, &first, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return;
+    }
+    if let Some(origins) = ORIGINS.get_ptr_mut(&cookie) {
+        // SAFETY: a live entry of this socket, which only programs run for this socket touch.
+        unsafe { (*origins).record(addr, port, origin, origin_port) };
     }
 }
 
@@ -340,11 +363,13 @@ fn read_user_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
 }
 
 /// Returns the mapping of this socket whose new destination is `addr`:`user_port`. A socket
-/// that was never redirected costs one storage lookup, which creates nothing.
+/// that was never redirected costs one map lookup.
 #[inline(always)]
 fn lookup_origin(ctx: &SockAddrContext, addr: [u32; 4], user_port: u32) -> Option<OriginSlot> {
-    // SAFETY: as in `remember`; the slot is copied out at once.
-    let origins = unsafe { ORIGINS.get_ptr_mut(ctx).as_ref() }?;
+    // SAFETY: as in `remember`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the slot is copied out at once.
+    let origins = unsafe { ORIGINS.get(&cookie) }?;
     origins.lookup(addr, user_port).copied()
 }
 

@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, MapData},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
-        links::FdLink,
+        CgroupAttachMode, Program, ProgramError, cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink,
     },
 };
 use bypass_common::{
@@ -33,6 +33,9 @@ const VERIFIER_LINES_SHOWN: usize = 6;
 /// and what is lost when the kernel lacks it.
 #[rustfmt::skip]
 pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
+    // First, so that it is attached before any socket is redirected.
+    ("sock_release", false, "the reverse map keeps closed sockets until bypass exits, and \
+     getpeername() and recvmsg() show the new address once it is full"),
     ("connect4", true, "IPv4 connect() is not redirected"),
     ("connect6", false, "IPv6 and IPv4-mapped connect() is not redirected"),
     ("sendmsg4", false, "unconnected IPv4 and IPv4-mapped UDP sends are not redirected"),
@@ -106,7 +109,13 @@ pub struct Redirector {
     ebpf: Ebpf,
     loaded: Vec<&'static str>,
     rule_count: u32,
-    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    links: Vec<(&'static str, LinkId)>,
+}
+
+/// The link of an attached program, by program type.
+enum LinkId {
+    SockAddr(CgroupSockAddrLinkId),
+    Sock(CgroupSockLinkId),
 }
 
 /// Checks the effective capabilities before touching the kernel, so a missing one gives a
@@ -229,26 +238,31 @@ impl Redirector {
             source,
         })?;
         for &name in &self.loaded.clone() {
-            let link_id = self
-                .program(name)?
-                .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| LoadError::Attach {
-                    name,
-                    cgroup: shown.clone(),
-                    source,
-                })?;
+            let attach_error = |source| LoadError::Attach {
+                name,
+                cgroup: shown.clone(),
+                source,
+            };
+            let link_id = match self.program(name)? {
+                Program::CgroupSockAddr(program) => program
+                    .attach(&file, CgroupAttachMode::Single)
+                    .map(LinkId::SockAddr),
+                Program::CgroupSock(program) => program
+                    .attach(&file, CgroupAttachMode::Single)
+                    .map(LinkId::Sock),
+                _ => return Err(LoadError::MissingProgram(name)),
+            }
+            .map_err(attach_error)?;
             self.links.push((name, link_id));
             log::info!("attached {name} to {shown}");
         }
         Ok(())
     }
 
-    fn program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, LoadError> {
+    fn program(&mut self, name: &'static str) -> Result<&mut Program, LoadError> {
         self.ebpf
             .program_mut(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })
+            .ok_or(LoadError::MissingProgram(name))
     }
 
     /// Returns the hit count of each rule, in rule id order.
@@ -274,12 +288,19 @@ impl Redirector {
     pub fn take_links(&mut self) -> Result<Vec<(&'static str, FdLink)>, LoadError> {
         let mut taken = Vec::new();
         for (name, link_id) in std::mem::take(&mut self.links) {
-            let link = self
-                .program(name)?
-                .take_link(link_id)
-                .map_err(|source| LoadError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|_| LoadError::NotALink(name))?;
-            taken.push((name, link));
+            let program_error = |source| LoadError::Program { name, source };
+            let link = match (self.program(name)?, link_id) {
+                (Program::CgroupSockAddr(program), LinkId::SockAddr(id)) => program
+                    .take_link(id)
+                    .map_err(program_error)
+                    .map(FdLink::try_from)?,
+                (Program::CgroupSock(program), LinkId::Sock(id)) => program
+                    .take_link(id)
+                    .map_err(program_error)
+                    .map(FdLink::try_from)?,
+                _ => return Err(LoadError::MissingProgram(name)),
+            };
+            taken.push((name, link.map_err(|_| LoadError::NotALink(name))?));
         }
         Ok(taken)
     }
@@ -306,15 +327,12 @@ impl Redirector {
 /// lock, so the programs are loaded by one thread per CPU (at most four), which divides the
 /// time the verifier takes by the number of CPUs.
 fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadError> {
-    let mut programs: Vec<(&'static str, &mut CgroupSockAddr)> = Vec::new();
-    let mut by_name: std::collections::HashMap<&str, &mut aya::programs::Program> =
-        ebpf.programs_mut().collect();
+    let mut programs: Vec<(&'static str, &mut Program)> = Vec::new();
+    let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
     for &(name, _, _) in PROGRAMS {
         let program = by_name
             .remove(name)
-            .ok_or(LoadError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program { name, source })?;
+            .ok_or(LoadError::MissingProgram(name))?;
         programs.push((name, program));
     }
 
@@ -326,7 +344,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadE
         // twice as long as the IPv4 ones, and the recvmsg and getpeername ones a fifth.
         let mut programs: Vec<_> = programs.into_iter().enumerate().collect();
         programs.sort_by_key(|(index, (name, _))| (load_cost_rank(name), *index));
-        let mut shares: Vec<Vec<(usize, &'static str, &mut CgroupSockAddr)>> =
+        let mut shares: Vec<Vec<(usize, &'static str, &mut Program)>> =
             (0..threads).map(|_| Vec::new()).collect();
         for (deal, (index, (name, program))) in programs.into_iter().enumerate() {
             shares[deal % threads].push((index, name, program));
@@ -364,13 +382,14 @@ fn load_cost_rank(name: &str) -> u8 {
 }
 
 /// Loads one program and logs, at debug, how long the verifier took.
-fn load_one(name: &str, program: &mut CgroupSockAddr) -> Result<(), ProgramError> {
+fn load_one(name: &str, program: &mut Program) -> Result<(), ProgramError> {
     let started = std::time::Instant::now();
-    program.load()?;
-    let verified = program
-        .info()
-        .ok()
-        .and_then(|info| info.verified_instruction_count());
+    let info = match program {
+        Program::CgroupSockAddr(program) => program.load().and_then(|()| program.info()),
+        Program::CgroupSock(program) => program.load().and_then(|()| program.info()),
+        _ => return Err(ProgramError::UnexpectedProgramType),
+    };
+    let verified = info?.verified_instruction_count();
     log::debug!(
         "loaded {name} in {:.1?}, {} instructions verified",
         started.elapsed(),

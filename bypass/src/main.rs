@@ -26,6 +26,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose, cli.quiet);
+    if matches!(cli.command, Command::Run(_) | Command::Attach(_)) {
+        // aya probes the kernel's BPF features once, before the first load: about 2 ms of
+        // system calls, which this thread does while the main thread reads the rules and
+        // finds the cgroup.
+        std::thread::spawn(aya::features);
+    }
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

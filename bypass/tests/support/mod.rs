@@ -30,8 +30,8 @@ pub const SERVICE_IP: &str = "10.0.0.22";
 pub const SERVICE_IP6: &str = "fd00::22";
 
 /// Programs bypass attaches on this kernel, which has every hook: connect, sendmsg, recvmsg
-/// and getpeername, each for IPv4 and IPv6.
-pub const PROGRAM_COUNT: usize = 8;
+/// and getpeername, each for IPv4 and IPv6, and sock_release.
+pub const PROGRAM_COUNT: usize = 9;
 
 /// The bypass binary under test.
 pub const BYPASS: &str = env!("CARGO_BIN_EXE_bypass");
