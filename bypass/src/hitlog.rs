@@ -40,11 +40,12 @@ impl HitLog {
     /// Takes the log maps out of `redirector` and starts draining them. Returns `None` (after
     /// a warning) when the hit log cannot be read; redirects and counters work regardless.
     pub fn start(redirector: &mut Redirector) -> Option<Self> {
+        let check_rule_id = redirector.check_rule_id();
         let ebpf = redirector.ebpf_mut();
         let stats = ebpf
             .take_map(LOG_STATS_MAP)
             .and_then(|map| PerCpuArray::<MapData, u64>::try_from(map).ok());
-        let logger = match EbpfLogger::init_with_logger(ebpf, HitLines) {
+        let logger = match EbpfLogger::init_with_logger(ebpf, HitLines { check_rule_id }) {
             Ok(logger) => logger,
             Err(err) => {
                 log::warn!("the hit log is off: {err}");
@@ -94,8 +95,11 @@ async fn drain(
 }
 
 /// Passes the records of the programs on to the global logger, hit records turned into their
-/// line (see [`bypass_common::hit`]).
-struct HitLines;
+/// line (see [`bypass_common::hit`]). The hit of the check after attaching, whose connection
+/// bypass made itself, goes to the debug level.
+struct HitLines {
+    check_rule_id: u32,
+}
 
 impl log::Log for HitLines {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -104,11 +108,24 @@ impl log::Log for HitLines {
 
     fn log(&self, record: &log::Record<'_>) {
         let text = record.args().to_string();
-        let line = HitRecord::parse(&text).map_or(text, |hit| format_hit(&hit));
+        let hit = HitRecord::parse(&text);
+        let level = match hit {
+            Some(hit) if hit.rule_id == self.check_rule_id => log::Level::Debug,
+            _ => record.level(),
+        };
+        if !log::logger().enabled(
+            &log::Metadata::builder()
+                .level(level)
+                .target(record.target())
+                .build(),
+        ) {
+            return;
+        }
+        let line = hit.map_or(text, |hit| format_hit(&hit));
         log::logger().log(
             &log::Record::builder()
                 .args(format_args!("{line}"))
-                .level(record.level())
+                .level(level)
                 .target(record.target())
                 .module_path(record.module_path())
                 .file(record.file())

@@ -109,6 +109,8 @@ pub struct Redirector {
     ebpf: Ebpf,
     loaded: Vec<&'static str>,
     rule_count: u32,
+    /// Rule id of the temporary rule of the check after attaching: `--max-rules`.
+    check_rule_id: u32,
     links: Vec<(&'static str, LinkId)>,
 }
 
@@ -183,6 +185,7 @@ impl Redirector {
             ebpf,
             loaded,
             rule_count: 0,
+            check_rule_id: options.max_rules,
             links: Vec::new(),
         };
         for (rule, _) in rules.iter() {
@@ -305,6 +308,11 @@ impl Redirector {
         Ok(taken)
     }
 
+    /// Returns the rule id of the temporary rule of the check after attaching.
+    pub fn check_rule_id(&self) -> u32 {
+        self.check_rule_id
+    }
+
     /// Returns the names of the programs the kernel accepted.
     pub fn loaded(&self) -> &[&'static str] {
         &self.loaded
@@ -323,9 +331,8 @@ impl Redirector {
 
 /// Loads every program of [`PROGRAMS`] and returns the outcomes in that order.
 ///
-/// The verifier runs in the loading thread and, for a privileged loader, takes no global
-/// lock, so the programs are loaded by one thread per CPU (at most four), which divides the
-/// time the verifier takes by the number of CPUs.
+/// The verifier runs in the loading thread and takes no global lock for a privileged loader.
+/// The programs are therefore loaded by one thread per CPU, at most four.
 fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadError> {
     let mut programs: Vec<(&'static str, &mut Program)> = Vec::new();
     let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();

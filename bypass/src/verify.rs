@@ -244,7 +244,7 @@ fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
     }
 }
 
-/// The helper's whole life: connect, exit with a status that tells the outcome.
+/// Runs the helper's whole life: connect, then exit with a status that encodes the outcome.
 unsafe fn helper_child(join_errno: i32, address: &libc::sockaddr_in) -> ! {
     // SAFETY: plain syscalls on valid memory; `_exit` skips atexit handlers.
     unsafe {
