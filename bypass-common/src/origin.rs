@@ -12,8 +12,8 @@
 //! per redirect with socket storage and 520 ns with this map, 140 ns of it for the cookie.
 //!
 //! A socket keeps [`ORIGIN_SLOTS`] mappings, enough for an unconnected UDP socket that sends
-//! to a few redirected destinations. A new destination takes a free slot, then the oldest
-//! one; a destination already there gets its original updated in place.
+//! to a few redirected destinations. A redirect to the destination of the newest slot updates
+//! that slot; any other takes a free slot, then the oldest one. Lookups go newest first.
 //!
 //! Addresses are stored in IPv6 form, IPv4 ones IPv4-mapped (`::ffff:a.b.c.d`), as four
 //! network-order words. An `AF_INET6` socket that talks to an IPv4 peer meets the same
@@ -100,20 +100,25 @@ impl SocketOrigins {
         user_port: u32,
     ) {
         let new_port = new_user_port as u16;
-        let index = match self.find(new_addr, new_port) {
-            Some(index) => index,
-            None => {
-                let index = self.written as usize % ORIGIN_SLOTS;
-                self.written = self.written.wrapping_add(1);
-                index
-            }
-        };
-        self.slots[index] = OriginSlot {
+        let slot = OriginSlot {
             new_addr,
             addr,
             new_port,
             port: user_port as u16,
         };
+        // Only the newest slot is compared: a socket that sends to one destination again and
+        // again keeps one slot, and the programs that write here stay small for the verifier.
+        // Lookups go newest first, so an older slot for the same destination is never used.
+        let newest = self.written.wrapping_sub(1) as usize % ORIGIN_SLOTS;
+        if self.written > 0
+            && self.slots[newest].new_port == new_port
+            && self.slots[newest].new_addr == new_addr
+        {
+            self.slots[newest] = slot;
+            return;
+        }
+        self.slots[self.written as usize % ORIGIN_SLOTS] = slot;
+        self.written = self.written.wrapping_add(1);
     }
 
     /// Returns the slot of the redirect to `new_addr`:`new_user_port`, if the socket has one.
@@ -123,6 +128,7 @@ impl SocketOrigins {
             .map(|index| &self.slots[index])
     }
 
+    /// Returns the index of the newest slot for `new_addr`:`new_port`.
     #[inline(always)]
     fn find(&self, new_addr: [u32; 4], new_port: u16) -> Option<usize> {
         let used = if self.written < ORIGIN_SLOTS as u32 {
@@ -130,9 +136,10 @@ impl SocketOrigins {
         } else {
             ORIGIN_SLOTS
         };
-        (0..ORIGIN_SLOTS).find(|&index| {
+        (0..ORIGIN_SLOTS).find_map(|age| {
+            let index = self.written.wrapping_sub(1 + age as u32) as usize % ORIGIN_SLOTS;
             let slot = &self.slots[index];
-            index < used && slot.new_port == new_port && slot.new_addr == new_addr
+            (age < used && slot.new_port == new_port && slot.new_addr == new_addr).then_some(index)
         })
     }
 }
@@ -200,6 +207,19 @@ mod tests {
         assert_eq!(origins.written, 1);
         let slot = origins.lookup(ip(1), port(3000)).unwrap();
         assert_eq!((slot.ipv4(), slot.user_port()), (ip(23)[3], port(81)));
+    }
+
+    #[test]
+    fn newest_original_wins_for_a_target_seen_before() {
+        let mut origins = SocketOrigins::default();
+        origins.record(ip(1), port(3000), ip(22), port(80));
+        origins.record(ip(2), port(3000), ip(23), port(80));
+        origins.record(ip(1), port(3000), ip(24), port(81));
+        assert_eq!(origins.written, 3);
+        let slot = origins.lookup(ip(1), port(3000)).unwrap();
+        assert_eq!((slot.ipv4(), slot.user_port()), (ip(24)[3], port(81)));
+        let other = origins.lookup(ip(2), port(3000)).unwrap();
+        assert_eq!(other.ipv4(), ip(23)[3]);
     }
 
     #[test]
