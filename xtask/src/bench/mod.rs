@@ -108,7 +108,7 @@ struct Plan {
 }
 
 const FULL: Plan = Plan {
-    rounds: 9,
+    rounds: 15,
     connects: 10_000,
     end_to_end: 5_000,
     concurrent: 2_000,

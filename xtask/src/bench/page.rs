@@ -36,6 +36,7 @@ fn markdown(command: &str, results: &Results, checks: &[Check], roles: &Roles) -
          ## Connections\n\n{}\n![{}]({CHART_FILE})\n\n\
          ## Start-up and memory\n\n{}\n\
          ## Targets\n\n{}\n\
+         ## Where the time goes\n\n{COSTS}\n\
          ## Method\n\n{METHOD}",
         command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         machine(),
@@ -46,6 +47,23 @@ fn markdown(command: &str, results: &Results, checks: &[Check], roles: &Roles) -
     );
     page
 }
+
+const COSTS: &str = "\
+- A connect that no rule matches costs connect4 one hash lookup; its in-kernel time is mostly
+  the cost of running a program at all, with the statistics on.
+- A redirect adds the rewrite, an atomic add to the rule's counter, and one entry in the
+  reverse map, which `getpeername` and `recvmsg` need to report the original address. That
+  entry is most of the difference: the socket cookie that keys it (whose first read touches
+  a cold part of the socket) and the map insert. `sock_release` deletes the entry when the
+  socket is closed. This exact per-socket mapping is why a redirect stays above 150 ns.
+- The hit log costs a clock read and two per-CPU counters per hit, and a ring buffer write
+  for the lines under `--log-rate`. The loader drains the buffer every 100 ms, so no hit
+  wakes it.
+- Start-up is kernel work: aya's feature probes (on a thread of their own from the first
+  instruction), map creation, the verifier (programs loaded on one thread per CPU; `-vv`
+  logs each program's time and verified instructions), attaching, and the check after
+  attaching (`--no-verify` skips it).
+";
 
 const METHOD: &str = "\
 - A private network namespace per variant, with 10.0.0.22 on its `lo` and a server (two
@@ -59,7 +77,8 @@ const METHOD: &str = "\
   `TCP-LISTEN:8080,fork` relaying to :3000.
 - Clients are `xtask bench-client` processes, started in the variant's own cgroup and
   namespace. Variants take turns in every round, each round one variant later; cells show
-  the median over the rounds and the (min..max) of the rounds.
+  the median over the rounds and the (min..max) of the rounds. A `x direct` cell is the
+  median over the rounds of the variant's figure divided by direct's in the same round.
 - connect/s: sequential connect() and close() with SO_LINGER 0 (a reset, so no TIME_WAIT).
   end-to-end/s: connect(), shutdown(SHUT_WR), read to EOF, close(); it waits for the server
   thread twice per connection, so the scheduler makes it the noisiest figure. p50/p99: the connect()

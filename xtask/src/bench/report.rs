@@ -74,7 +74,24 @@ impl Results {
         Summary::of(self.start.get(&figure)?)
     }
 
+    /// Returns `variant`'s figure as a multiple of `base`'s: the median over the rounds of
+    /// their quotient within one round. Runs of one round are close together in time, so a
+    /// machine that slows down between rounds moves both. When the sample counts differ,
+    /// returns the quotient of the two medians.
     fn ratio(&self, variant: usize, base: usize, figure: Figure) -> Option<f64> {
+        let ours = self.samples.get(&(variant, figure))?;
+        let theirs = self.samples.get(&(base, figure))?;
+        if ours.len() == theirs.len() {
+            let paired: Vec<f64> = ours
+                .iter()
+                .zip(theirs)
+                .filter(|&(_, &base)| base != 0.0)
+                .map(|(value, base)| value / base)
+                .collect();
+            if let Some(summary) = Summary::of(&paired) {
+                return Some(summary.median);
+            }
+        }
         self.summary(variant, figure)?
             .ratio_to(&self.summary(base, figure)?)
     }
@@ -410,6 +427,23 @@ mod tests {
         );
         assert!(bypass_row.ends_with("| 70 (70..70) |"), "{bypass_row}");
         assert_eq!(table.lines().count(), 2 + 3);
+    }
+
+    #[test]
+    fn ratio_pairs_samples_of_the_same_round() {
+        let mut drifting = Results::default();
+        // The machine halves its speed after the first round: the ratio of the medians
+        // (50 / 100 = 0.5) hides that bypass ran at 0.9 of direct in every round.
+        for (direct, bypass) in [(200.0, 180.0), (100.0, 90.0), (100.0, 90.0)] {
+            drifting.add(0, Figure::ConnectRate, direct);
+            drifting.add(1, Figure::ConnectRate, bypass);
+        }
+        let ratio = drifting.ratio(1, 0, Figure::ConnectRate).unwrap();
+        assert!((ratio - 0.9).abs() < 1e-9, "{ratio}");
+
+        drifting.add(1, Figure::ConnectRate, 90.0);
+        let unpaired = drifting.ratio(1, 0, Figure::ConnectRate).unwrap();
+        assert!((unpaired - 0.9).abs() < 1e-9, "{unpaired}");
     }
 
     #[test]
