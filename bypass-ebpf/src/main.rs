@@ -251,6 +251,9 @@ const LOG_TARGET: &str = module_path!();
 /// walks every write once for each of the eight sizes. This message has one constant size, so
 /// the verifier walks it once. The loader checks the format end to end: its tests read the
 /// hit lines that aya-log decodes from these messages.
+///
+/// NOTE: `macro_support` is aya-log-ebpf's interface to its own macros (0.2 here), hidden from
+/// its docs and not a stable API; an upgrade of aya-log may need this function changed.
 #[inline(always)]
 fn log_hit(record: &HitRecord) {
     if !level_enabled(Level::Info) {

@@ -269,19 +269,32 @@ impl ChildCgroup {
             .collect())
     }
 
-    fn remove(&self) -> io::Result<()> {
+    /// Kills the processes the command left in the cgroup and waits until they are gone, for
+    /// at most [`REMOVE_TIMEOUT`]. Called before detaching, so that none of them runs a
+    /// moment without the redirect.
+    pub fn kill_leftovers(&self) {
         let leftover = self.pids().unwrap_or_default();
-        if !leftover.is_empty() {
-            log::warn!(
-                "killing {} process(es) the command left in {}: {leftover:?}",
-                leftover.len(),
-                self.path.display()
-            );
-            // cgroup.kill exists since Linux 5.14; it kills every process in this cgroup only.
-            if let Err(err) = fs::write(self.path.join("cgroup.kill"), "1") {
-                log::warn!("cannot write {}/cgroup.kill: {err}", self.path.display());
-            }
+        if leftover.is_empty() {
+            return;
         }
+        log::warn!(
+            "killing {} process(es) the command left in {}: {leftover:?}",
+            leftover.len(),
+            self.path.display()
+        );
+        // cgroup.kill exists since Linux 5.14; it kills every process in this cgroup only.
+        if let Err(err) = fs::write(self.path.join("cgroup.kill"), "1") {
+            log::warn!("cannot write {}/cgroup.kill: {err}", self.path.display());
+            return;
+        }
+        let deadline = Instant::now() + REMOVE_TIMEOUT;
+        while !self.pids().unwrap_or_default().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn remove(&self) -> io::Result<()> {
+        self.kill_leftovers();
         let deadline = Instant::now() + REMOVE_TIMEOUT;
         loop {
             match fs::remove_dir(&self.path) {

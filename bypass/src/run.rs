@@ -88,6 +88,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => None,
     };
     hitlog::log_summary(&rules, &redirector, totals);
+    // Leftover processes die before the programs detach: detached first, they could connect
+    // without the redirect for a moment.
+    cgroup.kill_leftovers();
     drop(redirector);
     log::info!("detached; removing cgroup {}", cgroup.path().display());
     drop(cgroup);

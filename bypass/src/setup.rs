@@ -25,6 +25,19 @@ pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
     }
     if let Some(path) = &args.config {
         config::load(path, &mut rules).map_err(anyhow::Error::from)?;
+        if rules.is_empty() {
+            // The default rule is for a command line without rules; a config file without
+            // any (emptied for a reload, say) more likely means a mistake.
+            return Err(UsageError(anyhow::anyhow!(
+                "config file {} has no rules; add a [[rule]] table, or drop --config to use the \
+                 default rule {}",
+                path.display(),
+                RuleSet::default_rules()
+                    .iter()
+                    .next()
+                    .map_or(String::new(), |(rule, _)| rule.to_string())
+            )));
+        }
     }
     if rules.is_empty() {
         rules = RuleSet::default_rules();

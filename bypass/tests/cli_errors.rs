@@ -141,6 +141,21 @@ fn config_syntax_names_line() {
 }
 
 #[test]
+fn config_without_rules_rejected() {
+    let dir = TempDir::new();
+    for (name, text) in [("empty.toml", ""), ("none.toml", "rule = []\n")] {
+        let config = dir.file(name, text);
+        assert_rejected(
+            &["-c", &config],
+            &format!(
+                "bypass: config file {config} has no rules; add a [[rule]] table, or drop \
+                 --config to use the default rule tcp/10.0.0.22:80=10.0.0.22:3000"
+            ),
+        );
+    }
+}
+
+#[test]
 fn attach_cgroup_missing() {
     let output = bypass(&["attach", "--cgroup", "/nonexistent-cgroup"]);
     assert_one_line(

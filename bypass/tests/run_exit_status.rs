@@ -219,10 +219,11 @@ fn leftover_processes_are_killed() {
     let daemon = Daemon(pid.trim().parse().expect("a pid"));
 
     assert_eq!(code, Some(0), "stderr: {stderr}");
-    assert!(
-        stderr.contains("killing 1 process(es) the command left"),
-        "stderr: {stderr}"
-    );
+    let killed = stderr.find("killing 1 process(es) the command left");
+    assert!(killed.is_some(), "stderr: {stderr}");
+    // Killed while the redirect is still attached: a leftover must never connect unredirected.
+    let detached = stderr.find("detached; removing cgroup");
+    assert!(killed < detached, "killed after detaching: {stderr}");
     let proc_dir = Path::new("/proc").join(daemon.0.to_string());
     assert!(
         wait_until(std::time::Duration::from_secs(10), || !proc_dir.exists()),
