@@ -27,6 +27,8 @@ use crate::{
 pub enum CommandError {
     #[error("command not found: {0}")]
     NotFound(String),
+    #[error("cannot execute {0}: the interpreter on its #! line was not found")]
+    InterpreterNotFound(String),
     #[error("cannot execute {command}")]
     NotExecutable { command: String, source: io::Error },
 }
@@ -34,7 +36,7 @@ pub enum CommandError {
 impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NotFound(_) => exit::NOT_FOUND,
+            Self::NotFound(_) | Self::InterpreterNotFound(_) => exit::NOT_FOUND,
             Self::NotExecutable { .. } => exit::NOT_EXECUTABLE,
         }
     }
@@ -58,6 +60,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => cgroup::own_cgroup(&mount)?,
     };
 
+    // Read before the handlers below replace the dispositions bypass was started with.
+    let ignored = spawn::ignored_signals(&FORWARDED);
     // Catch the signals before the cgroup exists, so one that arrives while bypass sets up
     // removes the cgroup instead of killing bypass with it in place.
     let mut signals = Signals::install()?;
@@ -77,7 +81,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let hit_log = HitLog::start(&mut redirector);
 
     let _record = record::Running::write(cgroup.path(), &redirector);
-    let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref());
+    let result = spawn_in_cgroup(&program, name, arguments, &cgroup, user.as_ref(), ignored);
     let status = match result {
         Ok(pid) => Ok(signals.forward_until_exit(pid).await?),
         Err(err) => Err(err),
@@ -98,7 +102,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(exit_code(status?))
 }
 
-/// Finds `name` the way `execvp` would: as given when it contains a slash, else in `PATH`.
+/// Finds `name` the way `execvp` would: as given when it contains a slash, else in `PATH`,
+/// skipping files that are not executable unless no executable one follows.
 fn resolve_command(name: &OsStr) -> Result<PathBuf, CommandError> {
     let shown = name.to_string_lossy().into_owned();
     if name.as_bytes().contains(&b'/') {
@@ -110,10 +115,27 @@ fn resolve_command(name: &OsStr) -> Result<PathBuf, CommandError> {
         };
     }
     let search_path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    std::env::split_paths(&search_path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .ok_or(CommandError::NotFound(shown))
+    let mut not_executable = None;
+    for candidate in std::env::split_paths(&search_path).map(|dir| dir.join(name)) {
+        if !candidate.is_file() {
+            continue;
+        }
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        // Like execvp: remember it, so that `exec` reports EACCES if nothing better follows.
+        not_executable.get_or_insert(candidate);
+    }
+    not_executable.ok_or(CommandError::NotFound(shown))
+}
+
+/// Returns whether this process may execute `path`.
+fn is_executable(path: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a NUL-terminated string.
+    unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
 }
 
 /// Starts the command inside the cgroup: its first instruction already runs there, and so
@@ -124,6 +146,7 @@ fn spawn_in_cgroup(
     arguments: &[OsString],
     cgroup: &ChildCgroup,
     user: Option<&RunAs>,
+    ignored: Vec<libc::c_int>,
 ) -> anyhow::Result<libc::pid_t> {
     let entry = CgroupEntry::open(cgroup.path())
         .with_context(|| format!("cannot open cgroup {}", cgroup.path().display()))?;
@@ -136,12 +159,14 @@ fn spawn_in_cgroup(
     if let Some(user) = user {
         command.run_as(user.uid, user.gid, user.groups.clone());
     }
+    command.keep_ignored(ignored);
 
     let shown = name.to_string_lossy().into_owned();
     let pid = spawn::spawn(&entry, &command).map_err(|err| -> anyhow::Error {
         match err {
+            // The file was found above, so ENOENT means its `#!` interpreter is missing.
             SpawnError::Exec(source) if source.kind() == io::ErrorKind::NotFound => {
-                CommandError::NotFound(shown).into()
+                CommandError::InterpreterNotFound(shown).into()
             }
             SpawnError::Exec(source) => CommandError::NotExecutable {
                 command: shown,
@@ -157,6 +182,9 @@ fn spawn_in_cgroup(
     log::debug!("started {} as pid {pid}", program.display());
     Ok(pid)
 }
+
+/// The signals that `run` passes on to the command.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 /// The signals that `run` passes on to the command: SIGINT, SIGTERM, SIGHUP and SIGQUIT.
 struct Signals {

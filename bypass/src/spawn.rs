@@ -138,9 +138,13 @@ impl CgroupEntry {
 pub struct Prepared {
     program: CString,
     argv: Vec<CString>,
+    /// `sh PROGRAM ARGS...`, for a file without a `#!` line (`ENOEXEC`), as `execvp` does.
+    shell_argv: Vec<CString>,
     envp: Vec<CString>,
     /// Set `groups`, then gid, then uid, before `exec`.
     user: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t)>,
+    /// Signals the command starts with ignored.
+    ignored: Vec<libc::c_int>,
 }
 
 impl Prepared {
@@ -156,12 +160,19 @@ impl Prepared {
             .filter(|(key, _)| !env.iter().any(|(name, _)| key == OsStr::new(name)))
             .collect();
         environment.extend(env.iter().map(|(key, value)| (key.into(), value.into())));
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|arg| c_string(arg.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let program = c_string(program.as_os_str().as_bytes())?;
+        let shell_argv = [c"sh".to_owned(), program.clone()]
+            .into_iter()
+            .chain(argv.iter().skip(1).cloned())
+            .collect();
         Ok(Self {
-            program: c_string(program.as_os_str().as_bytes())?,
-            argv: argv
-                .iter()
-                .map(|arg| c_string(arg.as_bytes()))
-                .collect::<io::Result<_>>()?,
+            program,
+            argv,
+            shell_argv,
             envp: environment
                 .iter()
                 .map(|(key, value)| {
@@ -172,7 +183,15 @@ impl Prepared {
                 })
                 .collect::<io::Result<_>>()?,
             user: None,
+            ignored: Vec::new(),
         })
+    }
+
+    /// Makes the command start with `signals` ignored, as they were when bypass started
+    /// (`nohup` ignores SIGHUP, say). bypass catches them to pass them on, and a caught
+    /// signal is reset to its default action by `execve`, an ignored one is not.
+    pub fn keep_ignored(&mut self, signals: Vec<libc::c_int>) {
+        self.ignored = signals;
     }
 
     /// Makes the child drop to `uid`, `gid` and `groups` before `exec`.
@@ -205,6 +224,9 @@ pub fn spawn(cgroup: &CgroupEntry, command: &Prepared) -> Result<libc::pid_t, Sp
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = command.envp.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
+    let mut shell_argv: Vec<*const libc::c_char> =
+        command.shell_argv.iter().map(|a| a.as_ptr()).collect();
+    shell_argv.push(std::ptr::null());
 
     // The child reports a failure as one step byte and its errno; a successful `execve`
     // closes the pipe, so the parent reads nothing.
@@ -221,7 +243,13 @@ pub fn spawn(cgroup: &CgroupEntry, command: &Prepared) -> Result<libc::pid_t, Sp
     // before the fork, and leaves by `execve` or `_exit`.
     match unsafe { cgroup.fork() }.map_err(SpawnError::Fork)? {
         Forked::Child { join_errno } => unsafe {
-            child(join_errno, command, &argv, &envp, write_end.as_raw_fd())
+            child(
+                join_errno,
+                command,
+                [&argv, &shell_argv],
+                &envp,
+                write_end.as_raw_fd(),
+            )
         },
         Forked::Parent(pid) => {
             drop(write_end);
@@ -275,7 +303,7 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
 unsafe fn child(
     join_errno: i32,
     command: &Prepared,
-    argv: &[*const libc::c_char],
+    [argv, shell_argv]: [&[*const libc::c_char]; 2],
     envp: &[*const libc::c_char],
     report: i32,
 ) -> ! {
@@ -297,6 +325,9 @@ unsafe fn child(
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        for &signal in &command.ignored {
+            libc::signal(signal, libc::SIG_IGN);
+        }
         // Raw system calls: after `clone3`, glibc still believes the other threads of this
         // process exist, and its setuid family would try to change them too.
         if let Some((groups, gid, uid)) = &command.user {
@@ -309,8 +340,26 @@ unsafe fn child(
             }
         }
         libc::execve(command.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        fail(STEP_EXEC, errno())
+        let exec_errno = errno();
+        if exec_errno == libc::ENOEXEC {
+            libc::execve(c"/bin/sh".as_ptr(), shell_argv.as_ptr(), envp.as_ptr());
+        }
+        fail(STEP_EXEC, exec_errno)
     }
+}
+
+/// Returns those of `signals` that this process ignores (`SIG_IGN`).
+pub fn ignored_signals(signals: &[libc::c_int]) -> Vec<libc::c_int> {
+    signals
+        .iter()
+        .copied()
+        .filter(|&signal| {
+            // SAFETY: reads the disposition only; `current` is a valid out-pointer.
+            let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+            let read = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
+            read == 0 && current.sa_sigaction == libc::SIG_IGN
+        })
+        .collect()
 }
 
 /// Waits for child `pid` to exit without reaping it, so that signals sent to `pid` until

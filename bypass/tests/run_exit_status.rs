@@ -103,6 +103,49 @@ fn unexecutable_file_exits_126() {
     assert!(!created.path().exists(), "job cgroup left behind: {stderr}");
 }
 
+#[test]
+fn commands_resolve_like_execvp() {
+    if !require_root("commands_resolve_like_execvp") {
+        return;
+    }
+    let dir = TempDir::new();
+    let mode = |path: &str, mode| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+
+    // A file without a #! line runs with /bin/sh, as `execvp` and `env` run it.
+    let plain = dir.file("plain", "echo plain \"$@\"\n");
+    mode(&plain, 0o755);
+    let output = bypass(&["run", "--no-verify", "--", &plain, "a", "b"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "plain a b\n");
+
+    // A missing interpreter is not a missing command.
+    let orphan = dir.file("orphan", "#!/nonexistent/interpreter\n");
+    mode(&orphan, 0o755);
+    let output = bypass(&["run", "--no-verify", "--", &orphan]);
+    assert_eq!(output.status.code(), Some(127));
+    assert_eq!(
+        text(&output.stderr).lines().last().unwrap_or_default(),
+        format!("bypass: cannot execute {orphan}: the interpreter on its #! line was not found")
+    );
+
+    // A file in PATH that is not executable is skipped when a later one is.
+    let shadow = dir.file("true", "exit 3\n");
+    mode(&shadow, 0o644);
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = std::process::Command::new(support::BYPASS)
+        .args(["run", "--no-verify", "--", "true"])
+        .env("PATH", path)
+        .output()
+        .expect("run bypass");
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+}
+
 /// A shell script that records the signal it gets in DIR/got, then dies of it; it writes
 /// DIR/ready once its trap is set.
 fn trapping_script(dir: &Path, signal: &str) -> String {
@@ -230,4 +273,41 @@ fn leftover_processes_are_killed() {
         "daemon {} still runs: {stderr}",
         daemon.0
     );
+}
+
+#[test]
+fn ignored_signals_stay_ignored() {
+    if !require_root("ignored_signals_stay_ignored") {
+        return;
+    }
+    // As under nohup: bypass starts with SIGHUP ignored, and so must the command, although
+    // bypass itself catches SIGHUP to pass it on.
+    let script = format!(
+        "trap '' HUP; exec {} run --no-verify -- grep SigIgn /proc/self/status",
+        support::BYPASS
+    );
+    let output = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("run sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let mask = stdout
+        .trim()
+        .strip_prefix("SigIgn:")
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line in {stdout:?}"));
+    let hangup = 1u64 << (libc::SIGHUP - 1);
+    assert_eq!(mask & hangup, hangup, "SIGHUP not ignored: {stdout}");
+    // The other forwarded signals keep the disposition this test process has.
+    let own = std::fs::read_to_string("/proc/self/status").expect("read own status");
+    let own_mask = own
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("own SigIgn line");
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT] {
+        let bit = 1u64 << (signal - 1);
+        assert_eq!(mask & bit, own_mask & bit, "signal {signal}: {stdout}");
+    }
 }
