@@ -51,7 +51,8 @@ pub enum Command {
     /// The cgroup is created under this process's own cgroup v2 directory (or
     /// --parent-cgroup) and the programs are attached before COMMAND starts, so its first
     /// connect() is already redirected. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to
-    /// COMMAND.
+    /// COMMAND, so a Ctrl-C in a terminal reaches it twice (from the terminal and from
+    /// bypass).
     ///
     /// Example: bypass run --rule 10.0.0.22:80=:3000 -- docker login 10.0.0.22
     #[command(after_long_help = RULE_HELP)]

@@ -34,16 +34,16 @@ pub enum VerifyError {
     )]
     NotRedirected { cgroup: String },
     #[error(
-        "cannot place a test process in {cgroup} ({source}); a cgroup with child cgroups and \
+        "cannot place a test process in {cgroup} ({error}); a cgroup with child cgroups and \
          enabled controllers accepts no processes. Attach to a leaf cgroup, or pass --no-verify"
     )]
-    CannotJoin { cgroup: String, source: io::Error },
+    CannotJoin { cgroup: String, error: io::Error },
     #[error(
-        "the test connection from {cgroup} to 127.0.0.1 failed ({source}); a firewall on \
-         loopback or a program on the cgroup that rejects connect() may block it. Detached; \
-         pass --no-verify to skip this check"
+        "the test connection from {cgroup} to 127.0.0.1 failed ({error}); loopback may be down \
+         in this network namespace, or a firewall on loopback or a program on the cgroup that \
+         rejects connect() blocks it. Detached; pass --no-verify to skip this check"
     )]
-    ConnectFailed { cgroup: String, source: io::Error },
+    ConnectFailed { cgroup: String, error: io::Error },
     #[error(
         "the test process in {cgroup} did not connect within {TIMEOUT:?}; is the cgroup frozen \
          (cgroup.freeze)? Detached; pass --no-verify to skip this check"
@@ -85,22 +85,22 @@ fn probe(
     source: &TcpListener,
 ) -> Result<(), VerifyError> {
     let shown = cgroup.display().to_string();
-    let entry = CgroupEntry::open(cgroup).map_err(|source| VerifyError::CannotJoin {
+    let entry = CgroupEntry::open(cgroup).map_err(|error| VerifyError::CannotJoin {
         cgroup: shown.clone(),
-        source,
+        error,
     })?;
     match run_helper(&entry, from) {
         Ok(()) => {}
-        Err(HelperError::Join(source)) => {
+        Err(HelperError::Join(error)) => {
             return Err(VerifyError::CannotJoin {
                 cgroup: shown,
-                source,
+                error,
             });
         }
-        Err(HelperError::Connect(source)) => {
+        Err(HelperError::Connect(error)) => {
             return Err(VerifyError::ConnectFailed {
                 cgroup: shown,
-                source,
+                error,
             });
         }
         Err(HelperError::TimedOut) => return Err(VerifyError::TimedOut { cgroup: shown }),
