@@ -295,7 +295,7 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     done
 }
 
-/// Runs the child's steps between fork and exec: set the user, then `execve`.
+/// Runs the child's steps between fork and exec: reset signals, set the user, `execve`.
 ///
 /// # Safety
 ///
