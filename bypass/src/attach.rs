@@ -46,7 +46,8 @@ pub async fn attach(mut args: AttachArgs) -> anyhow::Result<()> {
     }
 
     if let Some(name) = &args.pin {
-        let mut redirector = setup::load(&args.rules, &rules)?;
+        // `bypass rules add` may add UDP rules to a pin later.
+        let mut redirector = setup::load(&args.rules, &rules, true)?;
         redirector.attach(&target)?;
         if !args.no_verify {
             verify::verify(&redirector, &target)?;
@@ -70,7 +71,9 @@ async fn foreground(args: AttachArgs, rules: RuleSet, target: &Path) -> anyhow::
 
     let cgroup_id = cgroup::cgroup_id(target)
         .with_context(|| format!("cannot read the cgroup id of {}", target.display()))?;
-    let mut redirector = setup::load(&args.rules, &rules)?;
+    // A SIGHUP reload of --config may add UDP rules.
+    let rules_may_change = args.rules.config.is_some();
+    let mut redirector = setup::load(&args.rules, &rules, rules_may_change)?;
     redirector.attach(target)?;
     if !args.no_verify {
         verify::verify(&redirector, target)?;

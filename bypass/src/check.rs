@@ -205,6 +205,7 @@ fn programs(privileged: bool) -> Vec<Line> {
     let options = LoadOptions {
         max_rules: 1,
         log_rate: bypass_common::DEFAULT_LOG_RATE,
+        udp: true,
     };
     match Redirector::load(&RuleSet::default_rules(), options) {
         Ok(redirector) => PROGRAMS

@@ -46,6 +46,9 @@ pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
     ("getpeername6", false, "getpeername() on IPv6 sockets shows the new address"),
 ];
 
+/// Programs that only UDP rules use: a TCP socket never reaches them.
+pub(crate) const UDP_ONLY: [&str; 4] = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
@@ -102,6 +105,9 @@ pub struct LoadOptions {
     pub max_rules: u32,
     /// Hit log lines per second and CPU; 0 turns the hit log off.
     pub log_rate: u32,
+    /// Whether to load the programs that only UDP rules use ([`UDP_ONLY`]). Without UDP rules
+    /// they would never hit, yet run on every UDP datagram the job sends or receives.
+    pub udp: bool,
 }
 
 /// The loaded programs and their maps. Dropping it detaches everything.
@@ -170,8 +176,19 @@ impl Redirector {
         .map_err(object_error)?;
         log::debug!("created the maps in {:.1?}", started.elapsed());
 
+        let wanted = |name: &str| options.udp || !UDP_ONLY.contains(&name);
+        if !options.udp {
+            log::info!(
+                "no udp rule: the sendmsg and recvmsg programs are not loaded, so UDP traffic \
+                 runs no bypass program"
+            );
+        }
         let mut loaded = Vec::new();
-        for (&(name, required, lost), outcome) in PROGRAMS.iter().zip(load_programs(&mut ebpf)?) {
+        let outcomes = load_programs(&mut ebpf, &wanted)?;
+        for (&(name, required, lost), outcome) in PROGRAMS.iter().zip(outcomes) {
+            let Some(outcome) = outcome else {
+                continue;
+            };
             match outcome {
                 Ok(()) => loaded.push(name),
                 Err(err) if !required => {
@@ -329,31 +346,36 @@ impl Redirector {
     }
 }
 
-/// Loads every program of [`PROGRAMS`] and returns the outcomes in that order.
+/// Loads the programs of [`PROGRAMS`] that are `wanted` and returns the outcomes in that
+/// order, `None` for those not wanted.
 ///
 /// The verifier runs in the loading thread and takes no global lock for a privileged loader.
 /// The programs are therefore loaded by one thread per CPU, at most four.
-fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadError> {
-    let mut programs: Vec<(&'static str, &mut Program)> = Vec::new();
+fn load_programs(
+    ebpf: &mut Ebpf,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Option<Result<(), ProgramError>>>, LoadError> {
+    let mut programs: Vec<(usize, &'static str, &mut Program)> = Vec::new();
     let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
-    for &(name, _, _) in PROGRAMS {
+    for (index, &(name, _, _)) in PROGRAMS.iter().enumerate() {
         let program = by_name
             .remove(name)
             .ok_or(LoadError::MissingProgram(name))?;
-        programs.push((name, program));
+        if wanted(name) {
+            programs.push((index, name, program));
+        }
     }
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut outcomes: Vec<Option<Result<(), ProgramError>>> = Vec::new();
-    outcomes.resize_with(programs.len(), || None);
+    outcomes.resize_with(PROGRAMS.len(), || None);
     std::thread::scope(|scope| {
         // Dealt out like cards, costliest first: the IPv6 programs take the verifier about
         // twice as long as the IPv4 ones, and the recvmsg and getpeername ones a fifth.
-        let mut programs: Vec<_> = programs.into_iter().enumerate().collect();
-        programs.sort_by_key(|(index, (name, _))| (load_cost_rank(name), *index));
+        programs.sort_by_key(|&(index, name, _)| (load_cost_rank(name), index));
         let mut shares: Vec<Vec<(usize, &'static str, &mut Program)>> =
             (0..threads).map(|_| Vec::new()).collect();
-        for (deal, (index, (name, program))) in programs.into_iter().enumerate() {
+        for (deal, (index, name, program)) in programs.into_iter().enumerate() {
             shares[deal % threads].push((index, name, program));
         }
         let workers: Vec<_> = shares
@@ -373,10 +395,8 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<Vec<Result<(), ProgramError>>, LoadE
             }
         }
     });
-    Ok(outcomes
-        .into_iter()
-        .map(|outcome| outcome.expect("every program was loaded"))
-        .collect())
+    // `None` for the programs not wanted.
+    Ok(outcomes)
 }
 
 /// Returns 0 for the programs that take the verifier longest, then 1 and 2.

@@ -65,7 +65,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
     // Catch the signals before the cgroup exists, so one that arrives while bypass sets up
     // removes the cgroup instead of killing bypass with it in place.
     let mut signals = Signals::install()?;
-    let mut redirector = setup::load(&args.rules, &rules)?;
+    // The rules of `run` are fixed: it passes SIGHUP on to the command and reloads nothing.
+    let mut redirector = setup::load(&args.rules, &rules, false)?;
     let cgroup = ChildCgroup::create(&parent)?;
     log::info!("created cgroup {}", cgroup.path().display());
     redirector.attach(cgroup.path())?;

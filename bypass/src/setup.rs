@@ -8,7 +8,7 @@ use crate::{
     exit::UsageError,
     loader::{self, LoadError, LoadOptions, Redirector},
     names,
-    rule::{Origin, RuleSet},
+    rule::{Origin, Protocol, RuleSet},
 };
 
 /// Builds the rule set from `--rule` and `--config`, or the default rule when both are
@@ -45,12 +45,19 @@ pub(crate) fn rules_from_args(args: &RuleArgs) -> Result<RuleSet, UsageError> {
     Ok(rules)
 }
 
-/// Checks privileges, loads the programs and fills the rule maps.
-pub(crate) fn load(args: &RuleArgs, rules: &RuleSet) -> anyhow::Result<Redirector> {
+/// Checks privileges, loads the programs and fills the rule maps. `rules_may_change` is true
+/// when rules can be added later (a pin, or a config that SIGHUP reloads): then every program
+/// is loaded, not only those that the rules use.
+pub(crate) fn load(
+    args: &RuleArgs,
+    rules: &RuleSet,
+    rules_may_change: bool,
+) -> anyhow::Result<Redirector> {
     loader::check_privileges()?;
     let options = LoadOptions {
         max_rules: args.max_rules,
         log_rate: args.log_rate,
+        udp: rules_may_change || rules.iter().any(|(rule, _)| rule.protocol == Protocol::Udp),
     };
     let redirector = Redirector::load(rules, options).map_err(|err| match err {
         // More rules than --max-rules is the user's input, so `attach` exits with USAGE.

@@ -97,3 +97,39 @@ fn sigkill_leaves_nothing_attached() {
         attached_programs(cgroup.path())
     );
 }
+
+#[test]
+fn udp_programs_only_when_rules_need_them() {
+    if !require_root("udp_programs_only_when_rules_need_them") {
+        return;
+    }
+    let udp_programs = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+    let config = support::TempFile::with_bytes(
+        "bypass-tcp-only.toml",
+        b"[[rule]]\nfrom = \"10.0.0.22:80\"\nto = \":3000\"\n",
+    );
+    let config_path = config.path().to_str().expect("utf-8 path").to_owned();
+    let cases: [(&[&str], bool); 3] = [
+        // Fixed TCP rules: UDP traffic runs no bypass program.
+        (&["-r", "10.0.0.22:80=:3000"], false),
+        (&["-r", "udp/10.0.0.22:53=:5353"], true),
+        // A SIGHUP reload of the config may add UDP rules later.
+        (&["-c", &config_path], true),
+    ];
+    for (args, expected) in cases {
+        let cgroup = TestCgroup::new();
+        let attached = Attached::start(cgroup.path(), args);
+        let programs = attached_programs(cgroup.path());
+        for name in udp_programs {
+            assert_eq!(
+                programs.iter().any(|p| p == name),
+                expected,
+                "{name} with {args:?}: {programs:?}; {}",
+                attached.stderr()
+            );
+        }
+        assert!(programs.iter().any(|p| p == "connect4"), "{programs:?}");
+        let (status, stderr) = attached.stop_with(libc::SIGTERM);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+    }
+}

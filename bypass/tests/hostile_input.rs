@@ -20,7 +20,7 @@ use bypass::{
 };
 use proptest::prelude::*;
 use support::{
-    Attached, BYPASS, PROGRAM_COUNT, TempFile, TestCgroup, attached_program_ids, cgroup2_mount,
+    Attached, BYPASS, TCP_PROGRAM_COUNT, TempFile, TestCgroup, attached_program_ids, cgroup2_mount,
     require_root, unique_name,
 };
 
@@ -323,7 +323,7 @@ fn non_utf8_cgroup_path_works() {
     let child = TestCgroup::named(parent.path(), OsStr::from_bytes(b"job-\xff\xfe"));
     let cgroup = child.path().to_owned();
     let bypass = Attached::start(&cgroup, &[]);
-    assert_eq!(attached_program_ids(&cgroup).len(), PROGRAM_COUNT);
+    assert_eq!(attached_program_ids(&cgroup).len(), TCP_PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     assert!(
@@ -415,7 +415,7 @@ fn symlink_into_cgroup_mount_attaches_to_target() {
     let cgroup = TestCgroup::new();
     let link = Symlink::to(cgroup.path());
     let bypass = Attached::start(&link.0, &[]);
-    assert_eq!(attached_program_ids(cgroup.path()).len(), PROGRAM_COUNT);
+    assert_eq!(attached_program_ids(cgroup.path()).len(), TCP_PROGRAM_COUNT);
     let (status, stderr) = bypass.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
 }

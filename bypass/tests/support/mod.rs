@@ -33,6 +33,10 @@ pub const SERVICE_IP6: &str = "fd00::22";
 /// and getpeername, each for IPv4 and IPv6, and sock_release.
 pub const PROGRAM_COUNT: usize = 9;
 
+/// Programs bypass attaches when only TCP rules are given and they cannot change (no pin,
+/// no --config): all but sendmsg and recvmsg.
+pub const TCP_PROGRAM_COUNT: usize = 5;
+
 /// The bypass binary under test.
 pub const BYPASS: &str = env!("CARGO_BIN_EXE_bypass");
 
