@@ -193,9 +193,9 @@ fn programs(privileged: bool) -> Vec<Line> {
     if !privileged {
         return PROGRAMS
             .iter()
-            .map(|&(name, _, _)| {
+            .map(|program| {
                 line(
-                    what(name),
+                    what(program.name),
                     Verdict::Fail,
                     "not tried: needs the privileges above",
                 )
@@ -210,10 +210,11 @@ fn programs(privileged: bool) -> Vec<Line> {
     match Redirector::load(&RuleSet::default_rules(), options) {
         Ok(redirector) => PROGRAMS
             .iter()
-            .map(|&(name, required, lost)| {
+            .map(|program| {
+                let (name, lost) = (program.name, program.lost);
                 if redirector.loaded().contains(&name) {
                     line(what(name), Verdict::Ok, "loads")
-                } else if required {
+                } else if program.required {
                     line(
                         what(name),
                         Verdict::Fail,
@@ -223,7 +224,7 @@ fn programs(privileged: bool) -> Vec<Line> {
                     line(
                         what(name),
                         Verdict::Warn,
-                        format!("rejected by this kernel, so {lost} is not redirected"),
+                        format!("rejected by this kernel, so {lost}"),
                     )
                 }
             })

@@ -29,25 +29,55 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Verifier log lines shown in an error; the whole log goes to the debug log.
 const VERIFIER_LINES_SHOWN: usize = 6;
 
-/// The programs in the object: name (= attach point), whether bypass can work without it,
-/// and what is lost when the kernel lacks it.
-#[rustfmt::skip]
-pub(crate) const PROGRAMS: &[(&str, bool, &str)] = &[
-    // First, so that it is attached before any socket is redirected.
-    ("sock_release", false, "the reverse map keeps closed sockets until bypass exits, and \
-     getpeername() and recvmsg() show the new address once it is full"),
-    ("connect4", true, "IPv4 connect() is not redirected"),
-    ("connect6", false, "IPv6 and IPv4-mapped connect() is not redirected"),
-    ("sendmsg4", false, "unconnected IPv4 and IPv4-mapped UDP sends are not redirected"),
-    ("sendmsg6", false, "unconnected IPv6 UDP sends are not redirected"),
-    ("recvmsg4", false, "IPv4 UDP replies show the new source address, not the original"),
-    ("recvmsg6", false, "IPv6 UDP replies show the new source address, not the original"),
-    ("getpeername4", false, "getpeername() on IPv4 sockets shows the new address"),
-    ("getpeername6", false, "getpeername() on IPv6 sockets shows the new address"),
-];
+/// One program of the object.
+pub(crate) struct ProgramSpec {
+    /// Program name, which is also its attach point.
+    pub name: &'static str,
+    /// Whether bypass fails without it. Any other program that the kernel rejects is skipped
+    /// with a warning.
+    pub required: bool,
+    /// The loss when the kernel lacks it, completing "so ...".
+    pub lost: &'static str,
+    /// Whether only UDP rules use it: a TCP socket never reaches it.
+    pub udp_only: bool,
+    /// Rank of the verifier's work on it, 0 for the most: see [`load_programs`].
+    pub load_rank: u8,
+}
 
-/// Programs that only UDP rules use: a TCP socket never reaches them.
-pub(crate) const UDP_ONLY: [&str; 4] = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+const fn spec(
+    name: &'static str,
+    required: bool,
+    udp_only: bool,
+    load_rank: u8,
+    lost: &'static str,
+) -> ProgramSpec {
+    ProgramSpec {
+        name,
+        required,
+        lost,
+        udp_only,
+        load_rank,
+    }
+}
+
+/// The programs in the object, in attach order.
+#[rustfmt::skip]
+pub(crate) const PROGRAMS: &[ProgramSpec] = &[
+    // First, so that it is attached before any socket is redirected.
+    spec("sock_release", false, false, 2, "the reverse map keeps closed sockets until bypass \
+         exits, and getpeername() and recvmsg() show the new address once it is full"),
+    spec("connect4", true, false, 1, "IPv4 connect() is not redirected"),
+    spec("connect6", false, false, 0, "IPv6 and IPv4-mapped connect() is not redirected"),
+    spec("sendmsg4", false, true, 1, "unconnected IPv4 and IPv4-mapped UDP sends are not \
+         redirected"),
+    spec("sendmsg6", false, true, 0, "unconnected IPv6 UDP sends are not redirected"),
+    spec("recvmsg4", false, true, 2, "IPv4 UDP replies show the new source address, not the \
+         original"),
+    spec("recvmsg6", false, true, 2, "IPv6 UDP replies show the new source address, not the \
+         original"),
+    spec("getpeername4", false, false, 2, "getpeername() on IPv4 sockets shows the new address"),
+    spec("getpeername6", false, false, 2, "getpeername() on IPv6 sockets shows the new address"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -105,7 +135,7 @@ pub struct LoadOptions {
     pub max_rules: u32,
     /// Hit log lines per second and CPU; 0 turns the hit log off.
     pub log_rate: u32,
-    /// Whether to load the programs that only UDP rules use ([`UDP_ONLY`]). Without UDP rules
+    /// Whether to load the programs that only UDP rules use. Without UDP rules
     /// they would never hit, yet run on every UDP datagram the job sends or receives.
     pub udp: bool,
 }
@@ -176,7 +206,7 @@ impl Redirector {
         .map_err(object_error)?;
         log::debug!("created the maps in {:.1?}", started.elapsed());
 
-        let wanted = |name: &str| options.udp || !UDP_ONLY.contains(&name);
+        let wanted = |program: &ProgramSpec| options.udp || !program.udp_only;
         if !options.udp {
             log::info!(
                 "no udp rule: the sendmsg and recvmsg programs are not loaded, so UDP traffic \
@@ -185,13 +215,14 @@ impl Redirector {
         }
         let mut loaded = Vec::new();
         let outcomes = load_programs(&mut ebpf, &wanted)?;
-        for (&(name, required, lost), outcome) in PROGRAMS.iter().zip(outcomes) {
+        for (program, outcome) in PROGRAMS.iter().zip(outcomes) {
             let Some(outcome) = outcome else {
                 continue;
             };
+            let (name, lost) = (program.name, program.lost);
             match outcome {
                 Ok(()) => loaded.push(name),
-                Err(err) if !required => {
+                Err(err) if !program.required => {
                     log::warn!("{name} is not available on this kernel ({err}); {lost}");
                 }
                 Err(err) => return Err(program_error(name, err)),
@@ -353,15 +384,16 @@ impl Redirector {
 /// The programs are therefore loaded by one thread per CPU, at most four.
 fn load_programs(
     ebpf: &mut Ebpf,
-    wanted: &dyn Fn(&str) -> bool,
+    wanted: &dyn Fn(&ProgramSpec) -> bool,
 ) -> Result<Vec<Option<Result<(), ProgramError>>>, LoadError> {
     let mut programs: Vec<(usize, &'static str, &mut Program)> = Vec::new();
     let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
-    for (index, &(name, _, _)) in PROGRAMS.iter().enumerate() {
+    for (index, spec) in PROGRAMS.iter().enumerate() {
+        let name = spec.name;
         let program = by_name
             .remove(name)
             .ok_or(LoadError::MissingProgram(name))?;
-        if wanted(name) {
+        if wanted(spec) {
             programs.push((index, name, program));
         }
     }
@@ -372,7 +404,7 @@ fn load_programs(
     std::thread::scope(|scope| {
         // Dealt out like cards, costliest first: the IPv6 programs take the verifier about
         // twice as long as the IPv4 ones, and the recvmsg and getpeername ones a fifth.
-        programs.sort_by_key(|&(index, name, _)| (load_cost_rank(name), index));
+        programs.sort_by_key(|&(index, _, _)| (PROGRAMS[index].load_rank, index));
         let mut shares: Vec<Vec<(usize, &'static str, &mut Program)>> =
             (0..threads).map(|_| Vec::new()).collect();
         for (deal, (index, name, program)) in programs.into_iter().enumerate() {
@@ -397,15 +429,6 @@ fn load_programs(
     });
     // `None` for the programs not wanted.
     Ok(outcomes)
-}
-
-/// Returns 0 for the programs that take the verifier longest, then 1 and 2.
-fn load_cost_rank(name: &str) -> u8 {
-    match name {
-        "connect6" | "sendmsg6" => 0,
-        "connect4" | "sendmsg4" => 1,
-        _ => 2,
-    }
 }
 
 /// Loads one program and logs, at debug, how long the verifier took.

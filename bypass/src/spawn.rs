@@ -258,10 +258,8 @@ pub fn spawn(cgroup: &CgroupEntry, command: &Prepared) -> Result<libc::pid_t, Sp
             if read == 0 {
                 return Ok(pid);
             }
-            // The child failed and exits; reap it so no zombie stays.
-            let mut status = 0;
-            // SAFETY: waits for our own child, which exits right after its report.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            // The child failed and exits right after its report; reap it so no zombie stays.
+            let _ = reap(pid);
             let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
             let err = io::Error::from_raw_os_error(errno);
             Err(match report[0] {

@@ -18,7 +18,7 @@ use crate::{
     loader::Redirector,
     rule::{Protocol, Rule},
     rulemap::RuleMaps,
-    spawn::{CgroupEntry, Forked},
+    spawn::{self, CgroupEntry, Forked},
 };
 
 /// How long the check waits for the helper's connection.
@@ -228,10 +228,8 @@ fn wait_helper(pid: libc::pid_t) -> Result<i32, HelperError> {
         let left = deadline.saturating_duration_since(Instant::now());
         if reaped < 0 || left.is_zero() {
             // SAFETY: `pid` is our unreaped child, so it cannot be another process.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = spawn::reap(pid);
             return Err(HelperError::TimedOut);
         }
         match &pidfd {

@@ -292,6 +292,7 @@ fn ignored_signals_stay_ignored() {
         .expect("run sh");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
+
     let mask = stdout
         .trim()
         .strip_prefix("SigIgn:")
@@ -299,6 +300,7 @@ fn ignored_signals_stay_ignored() {
         .unwrap_or_else(|| panic!("no SigIgn line in {stdout:?}"));
     let hangup = 1u64 << (libc::SIGHUP - 1);
     assert_eq!(mask & hangup, hangup, "SIGHUP not ignored: {stdout}");
+
     // The other forwarded signals keep the disposition this test process has.
     let own = std::fs::read_to_string("/proc/self/status").expect("read own status");
     let own_mask = own

@@ -59,10 +59,10 @@ const COSTS: &str = "\
 - The hit log costs a clock read and two per-CPU counters per hit, and a ring buffer write
   for the lines under `--log-rate`. The loader drains the buffer every 100 ms, so no hit
   wakes it.
-- Start-up is kernel work: aya's feature probes (on a thread of their own from the first
-  instruction), map creation, the verifier (programs loaded on one thread per CPU; `-vv`
-  logs each program's time and verified instructions), attaching, and the check after
-  attaching (`--no-verify` skips it).
+- Start-up is kernel work: aya's feature probes, which run on a thread of their own from
+  the first instruction, map creation, the verifier, attaching, and the check after
+  attaching (`--no-verify` skips it). Programs load on one thread per CPU, and `-vv` logs
+  each program's verifier time and verified instructions.
 ";
 
 const METHOD: &str = "\
