@@ -218,11 +218,21 @@ fn kill_pinning_loader(cgroup: &TestCgroup, delay: Option<Duration>, tally: &mut
     assert_nothing_left(&name, cgroup.path(), None);
 }
 
+/// Held by the tests that run `bypass gc` or leave a pin whose cgroup is gone: `gc` removes
+/// every such pin on the host, so one test's `gc` would remove another test's pin.
+static GC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`GC`], also after a test that held it failed.
+fn lock_gc() -> std::sync::MutexGuard<'static, ()> {
+    GC.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn killed_pinning_loader_leaves_whole_pin_or_nothing() {
     if !require_root("killed_pinning_loader_leaves_whole_pin_or_nothing") {
         return;
     }
+    let _gc = lock_gc();
     let cgroup = TestCgroup::new();
     // How long a whole `attach --pin` takes here, to spread the kills over it.
     let started = Instant::now();
@@ -250,6 +260,7 @@ fn pin_of_removed_cgroup_shows_gone_and_gc_frees_it() {
     if !require_root("pin_of_removed_cgroup_shows_gone_and_gc_frees_it") {
         return;
     }
+    let _gc = lock_gc();
     let cgroup = TestCgroup::new();
     let path = cgroup.path().to_owned();
     let pinned = PinGuard::attach(&["--no-verify", "--cgroup", cgroup_arg(&cgroup)]);
